@@ -1,0 +1,145 @@
+"""The machine page pool: all of the host's machine memory, shared by every VM.
+
+One anonymous ``mmap`` holds every machine frame. It is mapped once, with
+``mem_map_ptr``, at machine address 0 into every vCPU's Unicorn instance
+(ENGINE-NOTES 3.1-3.2): the VMM chooses the frame a guest page uses through the
+TLB-fill hook's ``entry.paddr``, never by mapping pages one by one.
+
+Per-frame state lives in numpy arrays owned here: a reference count (a shared
+frame is mapped by several guest pages) and an owner (the VM id, or
+``OWNER_VMM`` for the hypervisor's own frames such as nested page tables).
+Frame 0 is the zero frame: always zero, never handed out, so a machine address
+of 0 in a table is never a live guest page by accident.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import numpy as np
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = ~(PAGE_SIZE - 1)
+
+OWNER_FREE = -1
+OWNER_VMM = 0  # VMs are numbered from 1
+
+ZERO_FRAME = 0
+
+_ZEROS = bytes(PAGE_SIZE)
+
+
+class HostOutOfMemory(RuntimeError):
+    """The machine pool has no free frame left.
+
+    A defined outcome, not a crash: the caller (p2m resolver, nested table
+    allocation) turns it into a VM stop with a message that names the page.
+    """
+
+
+class MachinePool:
+    """Frames of machine memory with an allocator, refcounts and owners."""
+
+    def __init__(self, size: int) -> None:
+        if size < 16 * PAGE_SIZE or size % PAGE_SIZE:
+            raise ValueError(f"host memory must be a multiple of 4 KiB and at least 64 KiB, got {size}")
+        self.size = size
+        self.nframes = size >> PAGE_SHIFT
+        self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # A ctypes view pins the mmap (it cannot be closed while mapped into Unicorn).
+        self._cbuf = (ctypes.c_char * size).from_buffer(self.buf)
+        self.host_addr = ctypes.addressof(self._cbuf)
+        self.mv = memoryview(self.buf)
+        self.q = self.mv.cast("Q")  # 64-bit view: table entries are read as q[mpa >> 3]
+        self.refcount = np.zeros(self.nframes, dtype=np.uint32)
+        self.owner = np.full(self.nframes, OWNER_FREE, dtype=np.int16)
+        # LIFO free list: recently freed frames are reused first (warm in host caches).
+        # Kept as a Python list because pop/append are the allocator's whole job.
+        self._free: list[int] = list(range(self.nframes - 1, ZERO_FRAME, -1))
+        self.owner[ZERO_FRAME] = OWNER_VMM
+        self.refcount[ZERO_FRAME] = 1
+        self.allocs = 0
+        self.frees = 0
+        # Frames some vCPU fetched instructions from. Unicorn keys translated code by
+        # machine address and does not notice the VMM rewriting a frame (ENGINE-NOTES
+        # 3.3), so reusing such a frame must drop stale code in every vCPU: the
+        # callbacks in on_code_frame_reuse do that.
+        self.fetched = np.zeros(self.nframes, dtype=np.bool_)
+        self.on_code_frame_reuse: list = []
+
+    # -- allocation ---------------------------------------------------------------
+
+    @property
+    def free_frames(self) -> int:
+        """Frames currently free."""
+        return len(self._free)
+
+    @property
+    def used_frames(self) -> int:
+        """Frames in use, including the zero frame."""
+        return self.nframes - len(self._free)
+
+    def alloc(self, owner: int) -> int:
+        """Take a free frame for ``owner``, zeroed, with refcount 1.
+
+        Raises HostOutOfMemory when the pool is empty.
+        """
+        if not self._free:
+            raise HostOutOfMemory(f"machine pool exhausted ({self.nframes} frames of {PAGE_SIZE} bytes)")
+        frame = self._free.pop()
+        off = frame << PAGE_SHIFT
+        self.buf[off:off + PAGE_SIZE] = _ZEROS
+        self.refcount[frame] = 1
+        self.owner[frame] = owner
+        self.allocs += 1
+        if self.fetched[frame]:
+            self.fetched[frame] = False
+            for cb in self.on_code_frame_reuse:
+                cb(frame)
+        return frame
+
+    def get(self, frame: int) -> None:
+        """Add a reference to a live frame (sharing)."""
+        if self.refcount[frame] == 0:
+            raise ValueError(f"frame {frame:#x} is free")
+        self.refcount[frame] += 1
+
+    def put(self, frame: int) -> None:
+        """Drop a reference; the frame returns to the free list at zero."""
+        if frame == ZERO_FRAME:
+            return
+        rc = self.refcount[frame]
+        if rc == 0:
+            raise ValueError(f"double free of frame {frame:#x}")
+        rc -= 1
+        self.refcount[frame] = rc
+        if rc == 0:
+            self.owner[frame] = OWNER_FREE
+            self._free.append(frame)
+            self.frees += 1
+
+    # -- content ------------------------------------------------------------------
+
+    def frame_bytes(self, frame: int) -> memoryview:
+        """A writable view of one frame's 4 KiB."""
+        off = frame << PAGE_SHIFT
+        return self.mv[off:off + PAGE_SIZE]
+
+    def read(self, mpa: int, size: int) -> bytes:
+        """Bytes at a machine address (for the VMM, not the hot path)."""
+        return bytes(self.mv[mpa:mpa + size])
+
+    def write(self, mpa: int, data: bytes) -> None:
+        """Write bytes at a machine address (for the VMM, not the hot path)."""
+        self.mv[mpa:mpa + len(data)] = data
+
+    def frames_owned_by(self, owner: int) -> int:
+        """How many frames ``owner`` holds (a shared frame counts for its owner once)."""
+        return int(np.count_nonzero(self.owner == owner))
+
+    def close(self) -> None:
+        """Release the views; the mmap itself stays alive while Unicorn maps it."""
+        self.q.release()
+        self.mv.release()

@@ -1,0 +1,224 @@
+"""The x86-64 guest page walk: one implementation for every MMU, the checker and the tools.
+
+4-level paging (CR4.PAE, EFER.LMA) with 4 KiB, 2 MiB and 1 GiB leaves. The rules
+follow the Intel SDM vol. 3 §4.5-4.7 and match what QEMU's own walker (the
+reference MMU) does, so differences found by ``hvmodel check`` are real bugs:
+
+* an entry is used only if present and free of reserved bits; reserved are the
+  address bits above MAXPHYADDR, NX when EFER.NXE = 0, PS in a PML4E, and the
+  low address bits of a large leaf (bits 29:13 of a 1 GiB PDPTE, 20:13 of a
+  2 MiB PDE — bit 12 is PAT there);
+* every non-leaf entry used gets its Accessed bit as the walk passes it, even if
+  the walk faults later (the hardware and QEMU both do this);
+* rights combine over the levels: W = AND of RW, U = AND of US, X = no NX;
+  a supervisor write ignores RW when CR0.WP = 0; SMEP forbids supervisor
+  fetches from user pages, SMAP supervisor data accesses to them;
+* the leaf gets A, and D on a write, only when the access is allowed;
+* the rights returned are those of the privilege that asked, and write is
+  withheld while the leaf is clean, so that the first write walks again and
+  sets D — exactly the protection QEMU puts in its TLB.
+
+The walk reads and writes guest table entries through ``mem``, any object with
+``read_pte(gpa) -> int`` and ``write_pte(gpa, value)``: flat guest memory for
+the reference, a 2D walk through the nested tables, or the p2m. That indirection
+is what makes this one function serve every mode.
+
+The result is a single int so the fill path allocates no objects for it:
+``>= 0`` is ``gpa_of_4k_page | perms``; ``< 0`` is ``~fault`` where ``fault``
+holds the #PF error code bits, or FAULT_GP for a non-canonical address.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# Accesses, as Unicorn's UC_MEM_READ/WRITE/FETCH (16/17/18) minus 16.
+ACC_READ = 0
+ACC_WRITE = 1
+ACC_FETCH = 2
+
+# Rights, numerically the same as UC_PROT_READ/WRITE/EXEC.
+PERM_R = 1
+PERM_W = 2
+PERM_X = 4
+PERM_RWX = 7
+
+# #PF error code bits.
+PFEC_P = 1
+PFEC_W = 2
+PFEC_U = 4
+PFEC_RSVD = 8
+PFEC_I = 16
+# Not a #PF: a non-canonical address is a #GP(0) (or #SS for stack accesses).
+FAULT_GP = 1 << 16
+
+# Paging-structure entry bits.
+PTE_P = 1 << 0
+PTE_RW = 1 << 1
+PTE_US = 1 << 2
+PTE_PWT = 1 << 3
+PTE_PCD = 1 << 4
+PTE_A = 1 << 5
+PTE_D = 1 << 6
+PTE_PS = 1 << 7
+PTE_G = 1 << 8
+PTE_NX = 1 << 63
+
+ADDR_MASK = 0x000F_FFFF_FFFF_F000
+
+# Paging controls that change what an entry means, packed into one int ("ctl").
+# The same bits later form the shadow MMU's page role.
+CTL_PG = 1 << 0     # CR0.PG
+CTL_WP = 1 << 1     # CR0.WP
+CTL_NXE = 1 << 2    # EFER.NXE
+CTL_SMEP = 1 << 3   # CR4.SMEP
+CTL_SMAP = 1 << 4   # CR4.SMAP and the access is subject to it (supervisor, AC = 0 or implicit)
+
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_PGE = 1 << 7
+CR4_SMEP = 1 << 20
+CR4_SMAP = 1 << 21
+EFER_NXE = 1 << 11
+EFER_LMA = 1 << 10
+RFLAGS_AC = 1 << 18
+
+MAXPHYADDR = 40  # what the modelled CPU reports in CPUID 0x80000008
+_RSVD_PHYS = ADDR_MASK & ~((1 << MAXPHYADDR) - 1)  # bits 51:40
+_RSVD_1G = 0x3FFFE000   # bits 29:13 of a 1 GiB leaf
+_RSVD_2M = 0x001FE000   # bits 20:13 of a 2 MiB leaf
+
+
+class TableMemory(Protocol):
+    """Where guest paging structures are read and their A/D bits written."""
+
+    def read_pte(self, gpa: int) -> int: ...
+
+    def write_pte(self, gpa: int, value: int) -> None: ...
+
+
+def paging_ctl(cr0: int, cr4: int, efer: int, rflags: int, user: bool, implicit: bool = False) -> int:
+    """Pack the control-register bits the walk depends on for one access."""
+    ctl = 0
+    if cr0 & CR0_PG:
+        ctl |= CTL_PG
+    if cr0 & CR0_WP:
+        ctl |= CTL_WP
+    if efer & EFER_NXE:
+        ctl |= CTL_NXE
+    if cr4 & CR4_SMEP:
+        ctl |= CTL_SMEP
+    if cr4 & CR4_SMAP and not user and (implicit or not rflags & RFLAGS_AC):
+        ctl |= CTL_SMAP
+    return ctl
+
+
+def walk(mem: TableMemory, cr3: int, va: int, acc: int, user: bool, ctl: int,
+         trace: list | None = None) -> int:
+    """Translate guest-virtual ``va`` for one access; set A/D bits as hardware does.
+
+    ``acc`` is ACC_READ/WRITE/FETCH, ``user`` is True for a CPL 3 access that is
+    not an implicit supervisor access. ``trace``, if given, receives
+    ``(level, entry_gpa, entry_value)`` per entry read — for reports, not the hot path.
+    Returns ``gpa_page | perms`` or ``~fault`` (see the module docstring).
+    """
+    if not ctl & CTL_PG:
+        return (va & ADDR_MASK) | PERM_RWX
+    top = va >> 47
+    if top and top != 0x1FFFF:
+        return ~FAULT_GP
+
+    rsvd = _RSVD_PHYS if ctl & CTL_NXE else _RSVD_PHYS | PTE_NX
+    rights = PTE_RW | PTE_US  # AND over the levels
+    nx = 0                    # OR over the levels
+    table = cr3 & ADDR_MASK
+    level = 4
+    while True:
+        egpa = table | ((va >> (3 + 9 * level)) & 0xFF8)
+        e = mem.read_pte(egpa)
+        if trace is not None:
+            trace.append((level, egpa, e))
+        if not e & PTE_P:
+            return ~_pfec(0, acc, user, ctl)
+        if e & rsvd or (level == 4 and e & PTE_PS):
+            return ~_pfec(PFEC_P | PFEC_RSVD, acc, user, ctl)
+        if level == 1 or e & PTE_PS:
+            if level == 3 and e & _RSVD_1G or level == 2 and e & _RSVD_2M:
+                return ~_pfec(PFEC_P | PFEC_RSVD, acc, user, ctl)
+            break
+        rights &= e
+        nx |= e
+        if not e & PTE_A:
+            e |= PTE_A
+            mem.write_pte(egpa, e)
+        table = e & ADDR_MASK
+        level -= 1
+
+    # e is the leaf at `level`; egpa its address.
+    rights &= e
+    nx = (nx | e) & PTE_NX if ctl & CTL_NXE else 0
+    perms = 0
+    if user:
+        if not rights & PTE_US:
+            return ~_pfec(PFEC_P, acc, user, ctl)
+        perms = PERM_R | (PERM_W if rights & PTE_RW else 0) | (0 if nx else PERM_X)
+    else:
+        if not (ctl & CTL_SMAP and rights & PTE_US):
+            perms = PERM_R
+            if rights & PTE_RW or not ctl & CTL_WP:
+                perms |= PERM_W
+        if not nx and not (ctl & CTL_SMEP and rights & PTE_US):
+            perms |= PERM_X
+    if not perms & (1 << acc):  # PERM_R/W/X = 1 << ACC_READ/WRITE/FETCH
+        return ~_pfec(PFEC_P, acc, user, ctl)
+
+    if acc == ACC_WRITE:
+        if e & (PTE_A | PTE_D) != PTE_A | PTE_D:
+            e |= PTE_A | PTE_D
+            mem.write_pte(egpa, e)
+    else:
+        if not e & PTE_A:
+            e |= PTE_A
+            mem.write_pte(egpa, e)
+        if not e & PTE_D:
+            perms &= ~PERM_W  # the first write must come back here to set D
+
+    size_mask = (1 << (12 + 9 * (level - 1))) - 1
+    gpa = ((e & ADDR_MASK) & ~size_mask) | (va & size_mask & ADDR_MASK)
+    return gpa | perms
+
+
+def _pfec(bits: int, acc: int, user: bool, ctl: int) -> int:
+    """Complete a #PF error code with the access's W/U/I bits."""
+    if acc == ACC_WRITE:
+        bits |= PFEC_W
+    elif acc == ACC_FETCH and ctl & (CTL_NXE | CTL_SMEP):
+        # I/D is reported only when instruction fetches can fault on their own.
+        bits |= PFEC_I
+    if user:
+        bits |= PFEC_U
+    return bits
+
+
+def leaf_level(mem: TableMemory, cr3: int, va: int) -> int:
+    """The level (1, 2 or 3) of the leaf that maps ``va``, or 0 if none; no side effects."""
+    table = cr3 & ADDR_MASK
+    for level in (4, 3, 2, 1):
+        e = mem.read_pte(table | ((va >> (3 + 9 * level)) & 0xFF8))
+        if not e & PTE_P:
+            return 0
+        if level == 1 or (level < 4 and e & PTE_PS):
+            return level
+        table = e & ADDR_MASK
+    return 0
+
+
+def describe_fault(fault: int) -> str:
+    """Human-readable form of a walk fault, e.g. ``#PF(P|W|U)``."""
+    if fault & FAULT_GP:
+        return "#GP(0) non-canonical address"
+    names = [n for b, n in ((PFEC_P, "P"), (PFEC_W, "W"), (PFEC_U, "U"), (PFEC_RSVD, "RSVD"), (PFEC_I, "I"))
+             if fault & b]
+    return f"#PF({'|'.join(names) or '0'}) error code {fault:#x}"
