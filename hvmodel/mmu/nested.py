@@ -1,0 +1,196 @@
+"""Emulated nested paging (EPT): the hardware-assisted MMU mode.
+
+The VMM keeps EPT-format 4-level tables in its own machine frames, derived from
+the p2m: a leaf exists only for a gfn the p2m has resolved. A TLB fill performs
+the 2D walk the hardware would: every guest paging-structure read is itself a
+guest-physical address, translated through the nested tables (4 references)
+before the entry is read (1 more); the final GPA takes 4 more — 24 for a 4 KiB
+page under 4 KiB nested tables, (4 + 1) · (4 + 1) − 1.
+
+A nested walk that finds no entry, or lacks the right, is an EPT violation: the
+p2m resolver decides (first touch, later copy-on-write and swap-in), the leaf is
+(re)installed and the walk retried, as the hardware would after the exit.
+
+EPT entry bits (Intel SDM vol. 3 §29.3.2): R, W, X in bits 0-2, memory type in
+5:3 of a leaf (WB = 6), A in bit 8, D in bit 9, address in 51:12. Write is granted
+to the guest's TLB only when the leaf is already dirty or the access is a write,
+so the first write to every page reaches the VMM: that is the dirty log.
+"""
+
+from __future__ import annotations
+
+from ..machine.pool import OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
+from .p2m import P2M, P2MState
+from .walk import ACC_WRITE, ADDR_MASK, PERM_W, PERM_X, walk
+
+EPT_R = 1 << 0
+EPT_W = 1 << 1
+EPT_X = 1 << 2
+EPT_RWX = EPT_R | EPT_W | EPT_X
+EPT_MT_WB = 6 << 3
+EPT_A = 1 << 8
+EPT_D = 1 << 9
+
+NESTED_LEVELS = 4
+
+
+class NestedMMU:
+    """2D page walks through guest tables and VMM-owned EPT tables."""
+
+    kind = "nested"
+
+    def __init__(self, p2m: P2M, pool: MachinePool) -> None:
+        self.p2m = p2m
+        self.pool = pool
+        self.q = pool.q
+        self.table_frames: list[int] = []
+        self.root = self._new_table()
+        # Counters.
+        self.walks = 0          # 2D walks (one per TLB fill that translates)
+        self.walk_refs = 0      # memory references made by the walks
+        self.ept_violations = 0
+        # Set when a present leaf was replaced by another frame: Unicorn's TLB of
+        # every vCPU of this VM may hold the old one and must be flushed.
+        self.flush_pending = False
+        p2m.listeners.append(self.zap)
+
+    # -- the fill path ----------------------------------------------------------
+
+    def translate(self, cr3: int, va: int, acc: int, user: bool, ctl: int) -> int:
+        """GVA → machine page for one TLB fill: ``mpa_page | perms`` or ``~fault``."""
+        self.walks += 1
+        r = walk(self, cr3, va, acc, user, ctl)
+        if r < 0:
+            return r
+        gpa = r & ADDR_MASK
+        leaf = self._leaf(gpa >> PAGE_SHIFT, acc == ACC_WRITE)
+        self.walk_refs += NESTED_LEVELS
+        perms = r & 7
+        if not leaf & EPT_X:
+            perms &= ~PERM_X
+        if not (leaf & EPT_W and leaf & EPT_D):
+            perms &= ~PERM_W
+        return (leaf & ADDR_MASK) | perms
+
+    # TableMemory for the guest walk: each entry read costs a nested walk + 1.
+    def read_pte(self, gpa: int) -> int:
+        gfn = gpa >> PAGE_SHIFT
+        leaf = self._leaf(gfn, False)
+        self.walk_refs += NESTED_LEVELS + 1
+        return self.q[((leaf & ADDR_MASK) | (gpa & 0xFFF)) >> 3]
+
+    def write_pte(self, gpa: int, value: int) -> None:
+        gfn = gpa >> PAGE_SHIFT
+        # The A/D update is a write to the guest table page: it needs EPT write
+        # permission and dirties that page, exactly like a guest store.
+        leaf = self._leaf(gfn, True)
+        self.q[((leaf & ADDR_MASK) | (gpa & 0xFFF)) >> 3] = value
+
+    # -- the nested dimension -------------------------------------------------------
+
+    def _leaf(self, gfn: int, write: bool) -> int:
+        """The EPT leaf for ``gfn`` with the right for the access, resolving violations.
+
+        Sets the leaf's A bit (and D on a write) as EPT A/D hardware does.
+        """
+        q = self.q
+        idx = self._leaf_index(gfn)
+        if idx >= 0:
+            e = q[idx]
+            if e & EPT_R and (not write or e & EPT_W):
+                want = e | EPT_A | (EPT_D if write else 0)
+                if want != e:
+                    q[idx] = want
+                return want
+        return self._violation(gfn, write)
+
+    def _leaf_index(self, gfn: int) -> int:
+        """Index into the pool's qword view of gfn's EPT leaf slot, or -1 if unmapped."""
+        q = self.q
+        table = self.root << PAGE_SHIFT
+        for shift in (27, 18, 9):
+            e = q[(table | ((gfn >> shift) & 0x1FF) << 3) >> 3]
+            if not e & EPT_RWX:
+                return -1
+            table = e & ADDR_MASK
+        return (table | (gfn & 0x1FF) << 3) >> 3
+
+    def _violation(self, gfn: int, write: bool) -> int:
+        """EPT violation exit: ask the p2m, install the leaf, return it."""
+        self.ept_violations += 1
+        p2m = self.p2m
+        if not write and gfn < p2m.npages and p2m.state[gfn] == P2MState.UNBACKED:
+            # An untouched page reads as zero: map the shared zero frame read-only
+            # and allocate only when the guest writes (first touch).
+            frame, writable = ZERO_FRAME, False
+        else:
+            frame, writable = p2m.resolve(gfn, write)
+        idx = self._slot(gfn)
+        old = self.q[idx]
+        if old & EPT_RWX and (old & ADDR_MASK) >> PAGE_SHIFT != frame:
+            self.flush_pending = True
+        leaf = (frame << PAGE_SHIFT) | EPT_R | EPT_X | EPT_MT_WB | EPT_A
+        if writable:
+            leaf |= EPT_W
+            if write:
+                leaf |= EPT_D
+        self.q[idx] = leaf
+        return leaf
+
+    def _slot(self, gfn: int) -> int:
+        """The leaf slot for gfn, creating intermediate tables on the way."""
+        q = self.q
+        table = self.root << PAGE_SHIFT
+        for shift in (27, 18, 9):
+            i = (table | ((gfn >> shift) & 0x1FF) << 3) >> 3
+            e = q[i]
+            if not e & EPT_RWX:
+                e = (self._new_table() << PAGE_SHIFT) | EPT_RWX
+                q[i] = e
+            table = e & ADDR_MASK
+        return (table | (gfn & 0x1FF) << 3) >> 3
+
+    def _new_table(self) -> int:
+        frame = self.pool.alloc(OWNER_VMM)
+        self.table_frames.append(frame)
+        return frame
+
+    # -- coherence with the p2m -------------------------------------------------------
+
+    def zap(self, gfn: int) -> None:
+        """Drop gfn's leaf (p2m listener): the next access takes a violation."""
+        idx = self._leaf_index(gfn)
+        if idx >= 0 and self.q[idx]:
+            self.q[idx] = 0
+            self.flush_pending = True
+
+    def lookup(self, gfn: int) -> int:
+        """The leaf for gfn without side effects (0 if none): for reports and tests."""
+        idx = self._leaf_index(gfn)
+        return self.q[idx] if idx >= 0 else 0
+
+    def peek_gpa(self, gpa: int) -> int:
+        """GPA → machine address with no side effects (reports, diagnostics); -1 if outside."""
+        gfn = gpa >> PAGE_SHIFT
+        if gfn >= self.p2m.npages:
+            return -1
+        leaf = self.lookup(gfn)
+        if leaf & EPT_R:
+            return (leaf & ADDR_MASK) | (gpa & 0xFFF)
+        frame = self.p2m.frame_of(gfn)
+        return ((frame if frame >= 0 else ZERO_FRAME) << PAGE_SHIFT) | (gpa & 0xFFF)
+
+    def counters(self) -> dict[str, int]:
+        """This MMU's counters for reports."""
+        return {
+            "walks": self.walks,
+            "walk_refs": self.walk_refs,
+            "ept_violations": self.ept_violations,
+            "nested_table_frames": len(self.table_frames),
+        }
+
+    def release(self) -> None:
+        """Free the nested tables (VM power-off)."""
+        for f in self.table_frames:
+            self.pool.put(f)
+        self.table_frames.clear()

@@ -1,0 +1,373 @@
+"""One virtual CPU: a Unicorn instance, its hooks, and a run loop that returns exits as values.
+
+The TLB-fill hook is where the VMM lives (ENGINE-NOTES 1): with
+``UC_TLB_VIRTUAL`` every Unicorn TLB miss asks :meth:`VCpu._fill` for the
+machine address and rights of a guest-virtual page, and the VM's MMU decides.
+The hook is registered through a raw ctypes callback (no binding wrapper), reads
+the control registers in one batched call into preallocated buffers, and keeps
+everything else out of the way. A refused fill records the fault; the run loop
+turns it into an exception exit.
+
+In the reference mode (``native=True``) Unicorn's own x86 MMU walks the guest
+tables over flat guest-physical memory and there is no fill hook at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Protocol
+
+from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
+                     UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc,
+                     UcError)
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
+
+from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, paging_ctl, walk
+from .cpustate import CpuStateEditor, verify_offsets
+from .exits import GP, PF, UD, ExitReason, VmExit
+
+if TYPE_CHECKING:
+    from ..devices.bus import IOBus
+
+CPU_MODEL = X.UC_CPU_X86_DENVERTON  # NX, SMEP, SMAP, 1 GiB pages, MAXPHYADDR 40, no PKU
+
+MSR_EFER = 0xC0000080
+
+
+class Translator(Protocol):
+    """An MMU as the vCPU sees it: GVA → address in the vCPU's physical buffer."""
+
+    kind: str
+
+    def translate(self, cr3: int, va: int, acc: int, user: bool, ctl: int) -> int: ...
+
+
+class _Msr(ctypes.Structure):
+    _fields_ = (("rid", ctypes.c_uint32), ("val", ctypes.c_uint64))
+
+
+class _Mmr(ctypes.Structure):
+    _fields_ = (("selector", ctypes.c_uint16), ("base", ctypes.c_uint64),
+                ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32))
+
+
+class GuestAccessFault(Exception):
+    """A VMM access to guest-virtual memory faulted (walk fault code in ``fault``)."""
+
+    def __init__(self, fault: int, va: int, acc: int) -> None:
+        super().__init__(f"fault {fault:#x} at {va:#x}")
+        self.fault = fault
+        self.va = va
+        self.acc = acc
+
+
+class VCpu:
+    """A vCPU: Unicorn instance + fill hook + I/O and exception hooks + run loop."""
+
+    def __init__(self, mem_host_addr: int, mem_size: int, mem_q: memoryview, mem_mv: memoryview,
+                 mmu: Translator, io: "IOBus", *, native: bool = False) -> None:
+        self.offsets = verify_offsets()
+        self.mmu = mmu
+        self.io = io
+        self.native = native
+        self.q = mem_q
+        self.mv = mem_mv
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_cpu_model(CPU_MODEL)
+        uc.ctl_set_tlb_mode(UC_TLB_CPU if native else UC_TLB_VIRTUAL)
+        uc.mem_map_ptr(0, mem_size, UC_PROT_ALL, mem_host_addr)
+        self.uc = uc
+        self.h = uc._uch
+        self.state = CpuStateEditor(uc)
+        self._counter = ctypes.c_uint64.from_address(self.h.value + self.offsets["emu_counter"])
+        self._invalid_addr = ctypes.c_uint64.from_address(self.h.value + self.offsets["invalid_addr"])
+
+        # Batched control-register read for the fill hook: CR0, CR3, CR4, CS, RFLAGS, EFER.
+        ids = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4, X.UC_X86_REG_CS,
+               X.UC_X86_REG_EFLAGS, X.UC_X86_REG_MSR)
+        self._nregs = len(ids)
+        self._reg_ids = (ctypes.c_int32 * len(ids))(*ids)
+        self._regs = (ctypes.c_uint64 * 5)()
+        self._efer = _Msr(MSR_EFER, 0)
+        base = ctypes.addressof(self._regs)
+        self._reg_ptrs = (ctypes.c_void_p * len(ids))(*(base + 8 * i for i in range(5)),
+                                                      ctypes.addressof(self._efer))
+        self._mmr = _Mmr()
+        self._mmr_ref = ctypes.byref(self._mmr)
+
+        # What stopped the slice, set by hooks.
+        self.pending: VmExit | None = None
+        self.hook_error: BaseException | None = None
+        self.insns = 0
+        self._running = False
+        self.tlb_fills = 0
+        self.tlb_flushes = 0
+        self.exits: dict[str, int] = {}
+        # Per-frame "code was fetched from here" flags of the machine pool, if any.
+        self.fetched = None
+
+        if not native:
+            self._fill_cb = HOOK_TLB_FILL_CFUNC(self._fill)
+            hh = ctypes.c_size_t()
+            err = uclib.uc_hook_add(self.h, ctypes.byref(hh), UC_HOOK_TLB_FILL,
+                                    ctypes.cast(self._fill_cb, ctypes.c_void_p), None,
+                                    ctypes.c_uint64(1), ctypes.c_uint64(0))
+            if err:
+                raise UcError(err)
+        uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+
+    # -- the fill hook (hot path) -----------------------------------------------------
+
+    def _fill(self, _h: int, vaddr: int, access: int, entry: ctypes._Pointer, _ud: int) -> bool:
+        try:
+            uclib.uc_reg_read_batch(self.h, self._reg_ids, self._reg_ptrs, self._nregs)
+            cr0, cr3, cr4, cs, rflags = self._regs
+            acc = access - 16
+            user = cs & 3 == 3
+            implicit = user and acc != ACC_FETCH and self._is_system_table(vaddr)
+            if implicit:
+                user = False
+            ctl = paging_ctl(cr0, cr4, self._efer.val, rflags, user, implicit)
+            r = self.mmu.translate(cr3, vaddr, acc, user, ctl)
+            self.tlb_fills += 1
+            if r < 0:
+                self._record_fault(~r, acc)
+                return False
+            e = entry[0]
+            e.paddr = r & ADDR_MASK
+            e.perms = r & 7
+            if acc == ACC_FETCH and self.fetched is not None:
+                self.fetched[r >> 12] = True
+            if self.mmu.flush_pending:
+                self.flush_tlb()
+            return True
+        except BaseException as exc:  # never let an exception unwind through C
+            if self.hook_error is None:
+                self.hook_error = exc
+            self.uc.emu_stop()
+            return False
+
+    def _is_system_table(self, vaddr: int) -> bool:
+        """Is this page part of the GDT, LDT, IDT or TSS? (implicit supervisor access)"""
+        for rid in (X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_TR, X.UC_X86_REG_LDTR):
+            uclib.uc_reg_read(self.h, rid, self._mmr_ref)
+            base, limit = self._mmr.base, self._mmr.limit
+            if limit and base & ADDR_MASK <= vaddr <= base + limit:
+                return True
+        return False
+
+    def _record_fault(self, fault: int, acc: int) -> None:
+        if fault & FAULT_GP:
+            self.pending = VmExit(ExitReason.EXCEPTION, vector=GP, error_code=0)
+        else:
+            self.pending = VmExit(ExitReason.EXCEPTION, vector=PF, error_code=fault,
+                                  cr2=self._invalid_addr.value)
+
+    # -- other hooks ----------------------------------------------------------------------
+
+    def _on_intr(self, uc: Uc, intno: int, _ud: object) -> None:
+        if self.native and intno == PF:
+            # The reference MMU raised the #PF itself; CR2 is already set by QEMU.
+            err, _ = self.state.exception_info()
+            self.pending = VmExit(ExitReason.EXCEPTION, vector=PF, error_code=err,
+                                  cr2=uc.reg_read(X.UC_X86_REG_CR2))
+        else:
+            err, soft = self.state.exception_info()
+            self.pending = VmExit(ExitReason.EXCEPTION, vector=intno,
+                                  error_code=err if not soft else None, soft=soft)
+        uc.emu_stop()
+
+    def _on_invalid(self, uc: Uc, _ud: object) -> bool:
+        self.pending = VmExit(ExitReason.EXCEPTION, vector=UD)
+        uc.emu_stop()
+        return True
+
+    def _on_in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
+        try:
+            return self.io.read(port, size)
+        except BaseException as exc:
+            self._hook_failed(exc)
+            return 0
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
+        try:
+            self.io.write(port, size, value)
+            if self.pending is not None:
+                uc.emu_stop()
+        except BaseException as exc:
+            self._hook_failed(exc)
+
+    def _hook_failed(self, exc: BaseException) -> None:
+        if self.hook_error is None:
+            self.hook_error = exc
+        self.uc.emu_stop()
+
+    def request_exit(self, exit_: VmExit) -> None:
+        """Devices call this (through the VM) to end the slice after the current instruction."""
+        self.pending = exit_
+        self.uc.emu_stop()
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(self, budget: int) -> VmExit:
+        """Run at most ``budget`` instructions; return why the slice ended."""
+        self.pending = None
+        self.hook_error = None
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        error: UcError | None = None
+        self._running = True
+        try:
+            self.uc.emu_start(rip, 0, count=budget)
+        except UcError as e:
+            error = e
+        finally:
+            self._running = False
+        counted = self._counter.value
+        self.insns += min(counted, budget)
+        if self.hook_error is not None:
+            exc, self.hook_error = self.hook_error, None
+            raise exc
+        if self.pending is not None:
+            ex = self.pending
+        elif error is not None:
+            ex = VmExit(ExitReason.ERROR, message=f"engine error at RIP {self.rip:#x}: {error}")
+        elif counted > budget:
+            ex = VmExit(ExitReason.SLICE_END)
+        elif self._halted():
+            ex = VmExit(ExitReason.HLT)
+        else:
+            ex = VmExit(ExitReason.ERROR, message=f"engine stopped without a reason at RIP {self.rip:#x}")
+        name = ex.reason.value
+        self.exits[name] = self.exits.get(name, 0) + 1
+        return ex
+
+    def now(self) -> int:
+        """Instructions executed so far, including the slice in progress (for device clocks)."""
+        if self._running:
+            return self.insns + self._counter.value
+        return self.insns
+
+    def _halted(self) -> bool:
+        try:
+            return self.vmem_read(self.rip - 1, 1, ACC_FETCH, peek=True) == b"\xf4"
+        except GuestAccessFault:
+            return False
+
+    def flush_tlb(self) -> None:
+        """Drop every entry of Unicorn's TLB (safe inside the fill hook)."""
+        self.uc.ctl_flush_tlb()
+        self.tlb_flushes += 1
+        self.mmu.flush_pending = False
+
+    # -- registers ------------------------------------------------------------------------
+
+    @property
+    def rip(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_RIP)
+
+    def reg(self, rid: int) -> int:
+        """Read one register by Unicorn id."""
+        return self.uc.reg_read(rid)
+
+    def set_reg(self, rid: int, value: int) -> None:
+        """Write one register by Unicorn id."""
+        self.uc.reg_write(rid, value)
+
+    def efer(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
+
+    def table_reg(self, rid: int) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) of GDTR/IDTR/TR/LDTR."""
+        return self.uc.reg_read(rid)
+
+    def cpl(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_CS) & 3
+
+    # -- guest-virtual memory for the VMM (event delivery, reports) ---------------------
+
+    def translate(self, va: int, acc: int, *, user: bool = False, implicit: bool = True,
+                  peek: bool = False) -> int:
+        """GVA → address in this vCPU's physical buffer, as a guest access would.
+
+        Sets A/D bits like the hardware (delivery pushes do), unless ``peek``.
+        Raises GuestAccessFault with the walk's fault code.
+        """
+        uc = self.uc
+        cr0, cr3, cr4 = (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
+                         uc.reg_read(X.UC_X86_REG_CR4))
+        ctl = paging_ctl(cr0, cr4, self.efer(), uc.reg_read(X.UC_X86_REG_EFLAGS), user, implicit)
+        if peek:
+            r = walk(_PeekMemory(self), cr3, va, ACC_READ, user, ctl)
+            if r >= 0:
+                r = self._peek_phys(r)
+        else:
+            r = self.mmu.translate(cr3, va, acc, user, ctl) if not self.native else \
+                walk(_FlatMemory(self.q), cr3, va, acc, user, ctl)
+        if r < 0:
+            raise GuestAccessFault(~r, va, acc)
+        if not peek and self.mmu.flush_pending:
+            self.flush_tlb()
+        return (r & ADDR_MASK) | (va & 0xFFF)
+
+    def _peek_phys(self, r: int) -> int:
+        if self.native:
+            return r
+        lookup = getattr(self.mmu, "peek_gpa", None)
+        return lookup(r) if lookup else -1
+
+    def vmem_read(self, va: int, size: int, acc: int = ACC_READ, *, user: bool = False,
+                  peek: bool = False) -> bytes:
+        """Read guest-virtual memory, page by page."""
+        out = bytearray()
+        while size:
+            n = min(size, 0x1000 - (va & 0xFFF))
+            pa = self.translate(va, acc, user=user, peek=peek)
+            out += self.mv[pa:pa + n]
+            va += n
+            size -= n
+        return bytes(out)
+
+    def vmem_write(self, va: int, data: bytes, *, user: bool = False) -> None:
+        """Write guest-virtual memory as a guest store (A/D, copy-on-write, dirty)."""
+        off = 0
+        while off < len(data):
+            n = min(len(data) - off, 0x1000 - (va & 0xFFF))
+            pa = self.translate(va, ACC_WRITE, user=user)
+            self.mv[pa:pa + n] = data[off:off + n]
+            va += n
+            off += n
+
+
+class _FlatMemory:
+    """Guest tables in flat guest-physical memory (the reference mode)."""
+
+    def __init__(self, q: memoryview) -> None:
+        self.q = q
+
+    def read_pte(self, gpa: int) -> int:
+        return self.q[gpa >> 3]
+
+    def write_pte(self, gpa: int, value: int) -> None:
+        self.q[gpa >> 3] = value
+
+
+class _PeekMemory:
+    """Read-only view for diagnostics: walks without setting A/D bits or resolving."""
+
+    def __init__(self, vcpu: VCpu) -> None:
+        self.vcpu = vcpu
+
+    def read_pte(self, gpa: int) -> int:
+        if self.vcpu.native:
+            return self.vcpu.q[gpa >> 3]
+        pa = self.vcpu.mmu.peek_gpa(gpa)
+        if pa < 0:
+            return 0
+        return self.vcpu.q[pa >> 3]
+
+    def write_pte(self, gpa: int, value: int) -> None:
+        pass

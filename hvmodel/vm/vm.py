@@ -1,0 +1,280 @@
+"""One virtual machine: configuration, memory, MMU, devices, a vCPU and the exit dispatcher.
+
+The run loop is the whole life of a VM::
+
+    while running:
+        deliver a pending interrupt if the guest can take one
+        exit = vcpu.run(budget)          # budget ends at the next timer event
+        dispatch(exit)                   # one place that handles every reason
+
+Time is the guest instruction count (plus time skipped while the guest halts
+waiting for an interrupt), so a run is a function of its inputs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from unicorn import x86_const as X
+
+from ..devices.bus import IOBus
+from ..devices.debugexit import DebugExit
+from ..devices.pic import Pic8259Pair
+from ..devices.pit import Pit8254
+from ..devices.uart import Uart16550
+from ..guest.image import GuestImage
+from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory, MachinePool
+from ..mmu.nested import NestedMMU
+from ..mmu.p2m import P2M, GuestMemoryError
+from .events import EventInjector, TripleFault
+from .exits import PF, ExitReason, VmExit, vector_name
+from .vcpu import VCpu
+
+MIB = 1 << 20
+DEFAULT_MEM = 64 * MIB
+DEFAULT_SLICE = 2_000_000
+DEFAULT_MAX_INSNS = 500_000_000
+MMU_MODES = ("nested",)
+
+
+class VMError(Exception):
+    """A VM cannot be configured or started (bad option, guest does not fit)."""
+
+
+@dataclass
+class VMConfig:
+    """What a user configures per VM (VMware's names where they exist)."""
+
+    name: str = "vm0"
+    memsize: int = DEFAULT_MEM      # bytes of guest-physical memory
+    mmu: str = "nested"
+    slice_insns: int = DEFAULT_SLICE
+    echo: Callable[[bytes], None] | None = None
+
+    def validate(self) -> None:
+        if self.mmu not in MMU_MODES:
+            raise VMError(f"unknown MMU mode {self.mmu!r} (have: {', '.join(MMU_MODES)})")
+        if self.memsize < 2 * MIB or self.memsize % PAGE_SIZE:
+            raise VMError(f"guest memory must be a multiple of 4 KiB and at least 2 MiB, got {self.memsize}")
+        if self.slice_insns < 1:
+            raise VMError("the slice must be at least one instruction")
+
+
+@dataclass
+class VMResult:
+    """How a VM ended, for reports and `--json`."""
+
+    name: str
+    exit_status: int | None
+    stop_reason: str
+    message: str
+    console: str
+    counters: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class VM:
+    """A VM on a machine pool, ready to run one guest image."""
+
+    def __init__(self, config: VMConfig, image: GuestImage, pool: MachinePool, vm_id: int = 1) -> None:
+        config.validate()
+        self.config = config
+        self.pool = pool
+        self.id = vm_id
+        npages = config.memsize >> PAGE_SHIFT
+        if image.load_addr + len(image.code) > config.memsize:
+            raise VMError(f"guest image ({len(image.code)} bytes at {image.load_addr:#x}) "
+                          f"does not fit in {config.memsize // MIB} MiB of guest memory")
+        self.p2m = P2M(pool, npages, vm_id)
+        try:
+            self.mmu = NestedMMU(self.p2m, pool)
+        except HostOutOfMemory as e:
+            raise VMError(f"cannot create the nested page tables: {e}") from None
+
+        self.idle_insns = 0
+        self.io = IOBus()
+        self.uart = Uart16550(echo=config.echo)
+        self.debug_exit = DebugExit(self._on_debug_exit)
+        self.pit = Pit8254(self.clock)
+        self.pic = Pic8259Pair()
+        for dev in (self.uart, self.debug_exit, self.pit, self.pic):
+            self.io.attach(dev)
+
+        self.vcpu = VCpu(pool.host_addr, pool.size, pool.q, pool.mv, self.mmu, self.io)
+        self.vcpu.fetched = pool.fetched
+        pool.on_code_frame_reuse.append(self._drop_code)
+        self.events = EventInjector(self.vcpu)
+        self.guest_page_faults = 0
+        self.exit_status: int | None = None
+        self.stop_reason = ""
+        self.message = ""
+        self.triple_fault_report = ""
+        self._load(image)
+
+    # -- set-up ----------------------------------------------------------------------
+
+    def _load(self, image: GuestImage) -> None:
+        """Copy the image into guest-physical memory and set the entry state (GUEST-ABI.md)."""
+        data = image.code
+        for off in range(0, len(data), PAGE_SIZE):
+            gpa = image.load_addr + off
+            try:
+                frame, _ = self.p2m.resolve(gpa >> PAGE_SHIFT, True)
+            except GuestMemoryError as e:
+                raise VMError(f"cannot load the guest: {e}") from None
+            chunk = data[off:off + PAGE_SIZE]
+            start = (frame << PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1))
+            self.pool.mv[start:start + len(chunk)] = chunk
+        v = self.vcpu
+        v.set_reg(X.UC_X86_REG_RIP, image.entry)
+        v.set_reg(X.UC_X86_REG_RSP, image.load_addr)
+        v.set_reg(X.UC_X86_REG_RDI, self.config.memsize)
+        v.set_reg(X.UC_X86_REG_RFLAGS, 0x2)
+
+    def _drop_code(self, frame: int) -> None:
+        # A frame that held translated code is being reused: its TBs are stale.
+        self.vcpu.uc.ctl_flush_tb()
+
+    # -- time ------------------------------------------------------------------------
+
+    def clock(self) -> int:
+        """Guest time in instructions: executed (including the current slice) + idle."""
+        return self.vcpu.now() + self.idle_insns
+
+    # -- devices ---------------------------------------------------------------------
+
+    def _on_debug_exit(self, status: int) -> None:
+        self.vcpu.request_exit(VmExit(ExitReason.POWER_OFF, status=status,
+                                      message=f"guest wrote {status:#x} to the debug-exit port 0xf4"))
+
+    # -- the run loop ------------------------------------------------------------------
+
+    def run(self, max_insns: int = DEFAULT_MAX_INSNS) -> VMResult:
+        """Run until the guest powers off, dies, or ``max_insns`` instructions pass."""
+        vcpu = self.vcpu
+        while self.exit_status is None and not self.stop_reason:
+            now = self.clock()
+            if self.pit.fire(now):
+                self.pic.raise_irq(0)
+            self._maybe_interrupt()
+            if self.stop_reason:
+                break
+            left = max_insns - vcpu.insns
+            if left <= 0:
+                self._stop("instruction_limit", f"instruction limit reached ({max_insns:,} instructions)",
+                           status=None)
+                break
+            budget = min(self.config.slice_insns, left)
+            deadline = self.pit.next_irq(now)
+            if deadline is not None and deadline > now:
+                budget = min(budget, deadline - now)
+            if self.pic.pending() is not None:
+                budget = min(budget, 1000)  # IF = 0: look again soon
+            try:
+                ex = vcpu.run(budget)
+                self._dispatch(ex)
+            except GuestMemoryError as e:
+                self._stop("guest_memory", str(e), status=None)
+        return self.result()
+
+    def _maybe_interrupt(self) -> None:
+        vcpu = self.vcpu
+        if self.pic.pending() is None or not vcpu.reg(X.UC_X86_REG_RFLAGS) & 0x200:
+            return
+        vector = self.pic.ack()
+        self._deliver(vector, external=True)
+
+    def _dispatch(self, ex: VmExit) -> None:
+        """The one place every exit is handled."""
+        r = ex.reason
+        if r is ExitReason.SLICE_END:
+            return
+        if r is ExitReason.EXCEPTION:
+            if ex.vector == PF:
+                self.guest_page_faults += 1
+            self._deliver(ex.vector, ex.error_code, cr2=ex.cr2, soft=ex.soft)
+        elif r is ExitReason.HLT:
+            self._halt()
+        elif r is ExitReason.POWER_OFF:
+            self._stop("power_off", ex.message, status=ex.status)
+        elif r is ExitReason.ERROR:
+            self._stop("error", ex.message, status=None)
+
+    def _deliver(self, vector: int, error_code: int | None = None, *, cr2: int | None = None,
+                 soft: bool = False, external: bool = False) -> None:
+        try:
+            self.events.deliver(vector, error_code, cr2=cr2, soft=soft, external=external)
+        except TripleFault as tf:
+            self.triple_fault_report = self._crash_report(tf)
+            self._stop("triple_fault", f"{tf}", status=None)
+        if self.mmu.flush_pending:
+            self.vcpu.flush_tlb()
+
+    def _halt(self) -> None:
+        if not self.vcpu.reg(X.UC_X86_REG_RFLAGS) & 0x200:
+            self._stop("power_off", "guest halted with interrupts disabled (cli; hlt): powered off", status=0)
+            return
+        now = self.clock()
+        if self.pic.pending() is not None:
+            return
+        deadline = self.pit.next_irq(now)
+        if deadline is None:
+            self._stop("deadlock", "guest halted waiting for an interrupt, but no timer is programmed",
+                       status=None)
+            return
+        if deadline > now:
+            self.idle_insns += deadline - now
+
+    def _stop(self, reason: str, message: str, status: int | None) -> None:
+        self.stop_reason = reason
+        self.message = message
+        self.exit_status = status
+
+    # -- reports -----------------------------------------------------------------------
+
+    def _crash_report(self, tf: TripleFault) -> str:
+        from ..report import disassemble_at
+        v = self.vcpu
+        lines = [f"triple fault in {self.config.name} at RIP {v.rip:#x} (CPL {v.cpl()})",
+                 "  events: " + " -> ".join(tf.chain),
+                 "  instruction: " + disassemble_at(v, v.rip)]
+        return "\n".join(lines)
+
+    def counters(self) -> dict[str, object]:
+        """Every counter of this VM, by the names the README documents."""
+        v = self.vcpu
+        c: dict[str, object] = {
+            "instructions": v.insns,
+            "idle_instructions": self.idle_insns,
+            "exits": dict(sorted(v.exits.items())),
+            "tlb_fills": v.tlb_fills,
+            "tlb_flushes": v.tlb_flushes,
+            "guest_page_faults": self.guest_page_faults,
+            "events_delivered": {vector_name(k): n for k, n in sorted(self.events.delivered.items())},
+            "frames_allocated": self.p2m.first_touches,
+            "guest_pages_backed": int(self.p2m.count(1)),
+        }
+        c.update(self.mmu.counters())
+        c["io_unknown_reads"] = sum(self.io.unknown_reads.values())
+        c["io_unknown_writes"] = sum(self.io.unknown_writes.values())
+        return c
+
+    def result(self) -> VMResult:
+        return VMResult(name=self.config.name, exit_status=self.exit_status,
+                        stop_reason=self.stop_reason, message=self.message,
+                        console=self.uart.output.decode("utf-8", "replace"),
+                        counters=self.counters())
+
+    def close(self) -> None:
+        """Return every frame this VM holds to the pool."""
+        self.p2m.release_all()
+        self.mmu.release()
+        if self._drop_code in self.pool.on_code_frame_reuse:
+            self.pool.on_code_frame_reuse.remove(self._drop_code)
+
+
+__all__ = ["VM", "VMConfig", "VMResult", "VMError", "OWNER_VMM"]
