@@ -136,7 +136,7 @@ def walk(mem: TableMemory, cr3: int, va: int, acc: int, user: bool, ctl: int,
     table = cr3 & ADDR_MASK
     level = 4
     while True:
-        egpa = table | ((va >> (3 + 9 * level)) & 0xFF8)
+        egpa = table | ((va >> (9 * level)) & 0xFF8)
         e = mem.read_pte(egpa)
         if trace is not None:
             trace.append((level, egpa, e))
@@ -206,7 +206,7 @@ def leaf_level(mem: TableMemory, cr3: int, va: int) -> int:
     """The level (1, 2 or 3) of the leaf that maps ``va``, or 0 if none; no side effects."""
     table = cr3 & ADDR_MASK
     for level in (4, 3, 2, 1):
-        e = mem.read_pte(table | ((va >> (3 + 9 * level)) & 0xFF8))
+        e = mem.read_pte(table | ((va >> (9 * level)) & 0xFF8))
         if not e & PTE_P:
             return 0
         if level == 1 or (level < 4 and e & PTE_PS):

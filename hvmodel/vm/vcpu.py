@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 CPU_MODEL = X.UC_CPU_X86_DENVERTON  # NX, SMEP, SMAP, 1 GiB pages, MAXPHYADDR 40, no PKU
 
 MSR_EFER = 0xC0000080
+# uc_ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE): the binding has no wrapper (ENGINE-NOTES 2.3).
+_CTL_TLB_FLUSH = (1 << 30) | 11
 
 
 class Translator(Protocol):
@@ -164,8 +166,9 @@ class VCpu:
         if fault & FAULT_GP:
             self.pending = VmExit(ExitReason.EXCEPTION, vector=GP, error_code=0)
         else:
-            self.pending = VmExit(ExitReason.EXCEPTION, vector=PF, error_code=fault,
-                                  cr2=self._invalid_addr.value)
+            # The exact address is stored by Unicorn only after this hook returns
+            # (unicorn_vtlb.c raise_mmu_exception): run() fills in CR2.
+            self.pending = VmExit(ExitReason.EXCEPTION, vector=PF, error_code=fault, cr2=-1)
 
     # -- other hooks ----------------------------------------------------------------------
 
@@ -233,6 +236,8 @@ class VCpu:
             raise exc
         if self.pending is not None:
             ex = self.pending
+            if ex.cr2 == -1:
+                ex.cr2 = self._invalid_addr.value
         elif error is not None:
             ex = VmExit(ExitReason.ERROR, message=f"engine error at RIP {self.rip:#x}: {error}")
         elif counted > budget:
@@ -259,7 +264,7 @@ class VCpu:
 
     def flush_tlb(self) -> None:
         """Drop every entry of Unicorn's TLB (safe inside the fill hook)."""
-        self.uc.ctl_flush_tlb()
+        uclib.uc_ctl(self.h, _CTL_TLB_FLUSH)
         self.tlb_flushes += 1
         self.mmu.flush_pending = False
 

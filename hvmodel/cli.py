@@ -1,0 +1,197 @@
+"""The ``hvmodel`` command.
+
+Exit status: the guest's own status (what it wrote to the debug-exit port, 0 for
+``cli; hlt``) when it powers off; otherwise
+
+====  =====================================================================
+ 2    bad usage or a bad option, or a guest image that cannot be built/loaded
+ 3    the guest died: triple fault, deadlock, instruction limit reached
+ 4    the host failed: out of machine memory, an engine fault
+====  =====================================================================
+
+Every failure prints one clear line on stderr (plus a crash report for a triple
+fault), never a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .guest.image import GuestBuildError, load_guest
+from .host import DEFAULT_HOST_MEM, Host, HostConfig
+from .vm.vm import DEFAULT_MAX_INSNS, DEFAULT_MEM, MIB, MMU_MODES, VMConfig, VMError, VMResult
+
+EXIT_USAGE = 2
+EXIT_GUEST_DIED = 3
+EXIT_HOST_FAILED = 4
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``64M``, ``64MiB``, ``1g``, ``4096`` → bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 1G, 4096)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def repo_guests_dir() -> Path:
+    """The guests/ folder next to the package (the demo's guest lives there)."""
+    return Path(__file__).resolve().parent.parent / "guests"
+
+
+class CliError(Exception):
+    """One clear line for the user, and the exit status to end with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvmodel", description=(
+        "A model of a bare-metal hypervisor's memory virtualization running real x86-64 guests."))
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="run a guest (.asm source or flat binary)")
+    run.add_argument("guest", help="guest image: .asm source (assembled on the fly) or flat binary")
+    _add_vm_options(run)
+    run.add_argument("--stats", action="store_true", help="print the VM's counters at the end")
+    run.add_argument("--json", action="store_true", help="print one JSON object with results and counters")
+    run.add_argument("--quiet", action="store_true", help="do not echo the guest console")
+
+    demo = sub.add_parser("demo", help="run the hello guest and explain what the hypervisor did")
+    _add_vm_options(demo)
+    return p
+
+
+def _add_vm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mem", type=parse_size, default=DEFAULT_MEM,
+                   help=f"guest memory (default {DEFAULT_MEM // MIB}M)")
+    p.add_argument("--host-mem", type=parse_size, default=DEFAULT_HOST_MEM,
+                   help=f"machine memory of the host (default {DEFAULT_HOST_MEM // MIB}M)")
+    p.add_argument("--mmu", choices=MMU_MODES, default="nested", help="MMU virtualization mode")
+    p.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
+                   help=f"stop the guest after this many instructions (default {DEFAULT_MAX_INSNS:,})")
+
+
+def _run_one(guest: Path, args: argparse.Namespace, echo: bool) -> tuple[Host, VMResult]:
+    try:
+        image = load_guest(guest)
+    except GuestBuildError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    out = sys.stdout.buffer
+
+    def echo_fn(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    try:
+        host = Host(HostConfig(memsize=args.host_mem))
+        vm = host.power_on(VMConfig(name=guest.stem, memsize=args.mem, mmu=args.mmu,
+                                    echo=echo_fn if echo else None), image)
+    except VMError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    result = vm.run(args.max_insns)
+    if vm.triple_fault_report:
+        result.message = vm.triple_fault_report
+    return host, result
+
+
+def _exit_status(result: VMResult) -> int:
+    if result.exit_status is not None:
+        return result.exit_status
+    if result.stop_reason in ("guest_memory", "error"):
+        return EXIT_HOST_FAILED
+    return EXIT_GUEST_DIED
+
+
+def _print_stats(result: VMResult, file=sys.stdout) -> None:
+    print(f"--- {result.name}: {result.stop_reason}, exit status {result.exit_status}", file=file)
+    for k, v in result.counters.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+        elif isinstance(v, int):
+            v = f"{v:,}"
+        print(f"  {k:<22} {v}", file=file)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    echo = not (args.json or args.quiet)
+    host, result = _run_one(Path(args.guest), args, echo)
+    if args.json:
+        print(json.dumps({
+            "vms": [{"name": result.name, "exit_status": result.exit_status,
+                     "stop_reason": result.stop_reason, "message": result.message,
+                     "console": result.console, "counters": result.counters}],
+            "host": host.counters(),
+        }, indent=2))
+    else:
+        if result.console and not result.console.endswith("\n") and echo:
+            print()
+        if args.stats:
+            _print_stats(result)
+    status = _exit_status(result)
+    if result.exit_status is None:
+        print(f"hvmodel: {result.name}: {result.message}", file=sys.stderr)
+    return status
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    guest = repo_guests_dir() / "hello.asm"
+    print(f"hvmodel demo: running {guest.name} on a {args.host_mem // MIB} MiB host, "
+          f"{args.mem // MIB} MiB guest, {args.mmu} paging\n--- guest console ---")
+    host, r = _run_one(guest, args, echo=True)
+    c = r.counters
+    if r.console and not r.console.endswith("\n"):
+        print()
+    print("--- what the hypervisor did ---")
+    print(f"  the guest ran {c['instructions']:,} instructions and ended: {r.message}")
+    print(f"  Unicorn asked the VMM {c['tlb_fills']:,} times to translate a guest-virtual page;")
+    print(f"  each was a 2D walk through the guest's tables and the VMM's nested tables: "
+          f"{c['walk_refs']:,} memory references in {c['walks']:,} walks "
+          f"({c['walk_refs'] / max(1, c['walks']):.1f} per walk, 24 at most)")
+    print(f"  {c['ept_violations']:,} EPT violations backed {c['frames_allocated']:,} guest pages "
+          f"with machine frames on first touch; the VMM's nested tables use "
+          f"{c['nested_table_frames']} frames")
+    print(f"  host: {host.pool.used_frames:,} of {host.pool.nframes:,} machine frames in use")
+    return _exit_status(r)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hvmodel`` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "demo":
+            return cmd_demo(args)
+    except CliError as e:
+        print(f"hvmodel: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("hvmodel: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.cmd}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
