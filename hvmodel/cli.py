@@ -5,7 +5,8 @@ Exit status: the guest's own status (what it wrote to the debug-exit port, 0 for
 
 ====  =====================================================================
  2    bad usage or a bad option, or a guest image that cannot be built/loaded
- 3    the guest died: triple fault, deadlock, instruction limit reached
+ 3    the guest died: triple fault, deadlock, instruction limit reached, an access
+      outside its guest-physical memory
  4    the host failed: out of machine memory, an engine fault
 ====  =====================================================================
 
@@ -117,7 +118,7 @@ def _run_one(guest: Path, args: argparse.Namespace, echo: bool) -> tuple[Host, V
 def _exit_status(result: VMResult) -> int:
     if result.exit_status is not None:
         return result.exit_status
-    if result.stop_reason in ("guest_memory", "error"):
+    if result.stop_reason in ("host_failure", "error"):
         return EXIT_HOST_FAILED
     return EXIT_GUEST_DIED
 

@@ -49,10 +49,11 @@ class GuestMemoryError(RuntimeError):
     The message names the guest page and why (host out of memory, swap I/O error, ...).
     """
 
-    def __init__(self, gfn: int, why: str) -> None:
+    def __init__(self, gfn: int, why: str, *, host_failure: bool = False) -> None:
         super().__init__(f"guest page {gfn:#x} (GPA {gfn << PAGE_SHIFT:#x}): {why}")
         self.gfn = gfn
         self.why = why
+        self.host_failure = host_failure  # the host failed (OOM, swap I/O), not the guest
 
 
 class P2M:
@@ -102,7 +103,7 @@ class P2M:
             try:
                 frame = self.pool.alloc(self.owner)
             except HostOutOfMemory as e:
-                raise GuestMemoryError(gfn, f"host out of memory: {e}") from None
+                raise GuestMemoryError(gfn, f"host out of memory: {e}", host_failure=True) from None
             self.value[gfn] = frame
             self.state[gfn] = P2MState.PRIVATE
             self.first_touches += 1

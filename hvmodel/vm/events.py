@@ -84,23 +84,25 @@ class EventInjector:
         """Deliver one event; raise TripleFault if that proves impossible."""
         chain = [self._describe(vector, error_code, cr2)]
         while True:
-            if vector in VECTORS_WITH_ERROR_CODE and error_code is None and not soft and not external:
+            if soft or external or vector not in VECTORS_WITH_ERROR_CODE:
+                error_code = None
+            elif error_code is None:
                 error_code = 0
             try:
                 if vector == PF and cr2 is not None:
                     self.vcpu.set_reg(X.UC_X86_REG_CR2, cr2)
-                self._deliver_once(vector, error_code if not (soft or external) else None,
-                                   soft, external)
+                self._deliver_once(vector, error_code, soft, external)
                 self.delivered[vector] = self.delivered.get(vector, 0) + 1
                 if self.keep_log:
-                    self.log.append((vector, error_code if not (soft or external) else None, cr2))
+                    self.log.append((vector, error_code, cr2))
                 return
             except DeliveryFault as f:
                 chain.append(self._describe(f.vector, f.error_code, f.cr2))
                 if vector == DF:
                     raise TripleFault(chain) from None
                 if _is_double(vector, f.vector):
-                    vector, error_code, cr2 = DF, 0, f.cr2 if f.vector == PF else None
+                    vector, error_code, cr2 = DF, 0, None
+                    chain.append(self._describe(DF, 0, None))
                     if f.vector == PF:
                         self.vcpu.set_reg(X.UC_X86_REG_CR2, f.cr2)
                 else:

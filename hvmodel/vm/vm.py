@@ -178,7 +178,7 @@ class VM:
                 ex = vcpu.run(budget)
                 self._dispatch(ex)
             except GuestMemoryError as e:
-                self._stop("guest_memory", str(e), status=None)
+                self._stop("host_failure" if e.host_failure else "guest_memory", str(e), status=None)
         return self.result()
 
     def _maybe_interrupt(self) -> None:
