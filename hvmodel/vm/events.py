@@ -126,11 +126,21 @@ class EventInjector:
         except GuestAccessFault as f:
             raise self._fault(f) from None
 
-    def _write(self, va: int, data: bytes) -> None:
-        try:
-            self.vcpu.vmem_write(va, data)
-        except GuestAccessFault as f:
-            raise self._fault(f) from None
+    def _push(self, rsp: int, data: bytes) -> None:
+        """Write a stack frame as successive pushes would: the highest page first.
+
+        The first push that faults decides CR2, so a fault is reported at the highest
+        qword of the page that failed, as the CPU's first failing push would be.
+        """
+        end = rsp + len(data)
+        while end > rsp:
+            start = max(rsp, (end - 1) & ~0xFFF)
+            try:
+                self.vcpu.vmem_write(start, data[start - rsp:end - rsp])
+            except GuestAccessFault as f:
+                f.va = end - 8
+                raise self._fault(f) from None
+            end = start
 
     @staticmethod
     def _fault(f: GuestAccessFault) -> DeliveryFault:
@@ -193,7 +203,7 @@ class EventInjector:
         if error_code is not None:
             frame.insert(0, error_code)
         new_rsp -= 8 * len(frame)
-        self._write(new_rsp, struct.pack(f"<{len(frame)}Q", *frame))
+        self._push(new_rsp, struct.pack(f"<{len(frame)}Q", *frame))
 
         # Commit: from here on nothing can fault.
         new_cs = (selector & ~3) | new_cpl

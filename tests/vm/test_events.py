@@ -146,3 +146,49 @@ def test_endless_loop_stops_at_instruction_limit():
     vm, r = run_asm("spin: jmp spin", max_insns=10_000)
     assert r.stop_reason == "instruction_limit"
     assert r.counters["instructions"] == 10_000
+
+
+def test_fault_pushing_on_a_bad_stack_becomes_df_on_its_ist_stack():
+    vm, r = run_asm(PROLOGUE + """
+main:
+  lea rax, [rip + de_handler]
+  mov rdi, 0x9000
+  call setgate
+  lea rax, [rip + df_handler]
+  mov rdi, 0x9000 + 8*16
+  call setgate
+  mov rdi, 0x9000 + 8*16
+  mov byte ptr [rdi+4], 1
+  mov rax, 0x70000
+  mov rdi, 0xA024
+  mov qword ptr [rdi], rax
+  mov rdi, 0x12000 + 100*8
+  mov qword ptr [rdi], 0
+  mov rsp, 0xC800800
+  xor ecx, ecx
+  div ecx
+  mov al, 2
+  out 0xf4, al
+de_handler:
+  mov al, 3
+  out 0xf4, al
+df_handler:
+  mov rax, rsp
+  cmp rax, 0x70000
+  jae bad
+  cmp rax, 0x6f000
+  jb bad
+  mov rax, qword ptr [rsp]
+  cmp rax, 0
+  jne bad
+  mov rax, cr2
+  cmp rax, 0xC8007f8
+  jne bad
+  mov al, 0
+  out 0xf4, al
+bad:
+  mov al, 1
+  out 0xf4, al
+""")
+    assert r.exit_status == 0, r.message
+    assert r.counters["events_delivered"] == {"#DF": 1}

@@ -1,0 +1,112 @@
+"""The command line: results, JSON, and one clear message (no traceback) for every failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvmodel.cli import main, parse_size
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hvmodel", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_clear_line(proc: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("hvmodel: ")
+
+
+@pytest.mark.parametrize("text,value", [("64M", 64 << 20), ("64MiB", 64 << 20), ("1g", 1 << 30),
+                                        ("4096", 4096), ("2k", 2048)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+def test_json_output_has_the_documented_shape(tmp_path):
+    src = tmp_path / "t.asm"
+    src.write_text("mov dx, 0x3f8; mov al, 0x68; out dx, al; mov al, 5; out 0xf4, al\n")
+    proc = run_cli("run", str(src), "--json")
+    assert proc.returncode == 5
+    d = json.loads(proc.stdout)
+    vm = d["vms"][0]
+    assert vm["exit_status"] == 5 and vm["console"] == "h"
+    for key in ("instructions", "exits", "tlb_fills", "guest_page_faults", "ept_violations",
+                "walk_refs", "frames_allocated"):
+        assert key in vm["counters"]
+    assert d["host"]["frames"] == (256 << 20) >> 12
+
+
+def test_pagefault_guest_reports_1000_faults_and_walk_refs():
+    proc = run_cli("run", str(GUESTS / "pagefault.asm"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads(proc.stdout)["vms"][0]["counters"]
+    assert c["guest_page_faults"] >= 1000
+    assert c["walk_refs"] > 0
+
+
+def test_bad_source_is_one_clear_error(tmp_path):
+    src = tmp_path / "bad.asm"
+    src.write_text("mov rax, 1\nthis is not an instruction\n")
+    proc = run_cli("run", str(src))
+    assert proc.returncode == 2
+    assert_one_clear_line(proc)
+    assert "bad.asm" in proc.stderr
+
+
+def test_garbage_bytes_end_in_a_clear_guest_crash(tmp_path):
+    img = tmp_path / "garbage.bin"
+    img.write_bytes(bytes([0x0F, 0xFF] * 64))  # ud0: #UD with no IDT -> triple fault
+    proc = run_cli("run", str(img))
+    assert proc.returncode == 3
+    assert_one_clear_line(proc)
+    assert "triple fault" in proc.stderr
+
+
+def test_triple_fault_report_names_rip_and_instruction(tmp_path):
+    src = tmp_path / "tf.asm"
+    src.write_text("mov rax, 1\nud2\n")
+    proc = run_cli("run", str(src))
+    assert proc.returncode == 3
+    assert_one_clear_line(proc)
+    assert "RIP 0x100007" in proc.stderr and "ud2" in proc.stderr
+
+
+def test_mem_larger_than_host_is_refused(tmp_path):
+    proc = run_cli("run", str(GUESTS / "hello.asm"), "--mem", "512M", "--host-mem", "64M")
+    assert proc.returncode == 2
+    assert_one_clear_line(proc)
+    assert "512 MiB" in proc.stderr or "needs" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["run", "x.asm", "--mem", "lots"], ["run", "x.asm", "--mmu", "magic"],
+                                  ["run", "x.asm", "--max-insns", "-4"]])
+def test_bad_options_exit_2_without_traceback(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_missing_and_empty_images(tmp_path):
+    assert run_cli("run", str(tmp_path / "nope.bin")).returncode == 2
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    proc = run_cli("run", str(empty))
+    assert proc.returncode == 2
+    assert_one_clear_line(proc)
+
+
+def test_demo_runs_and_explains():
+    proc = run_cli("demo")
+    assert proc.returncode == 0, proc.stderr
+    assert "hello from the guest" in proc.stdout
+    assert "2D walk" in proc.stdout
