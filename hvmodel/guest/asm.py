@@ -88,7 +88,8 @@ class _Stmt:
     labels: list[str] = field(default_factory=list)
     kind: str = "none"  # insn | data | equ | none
     mnem: str = ""
-    ops: list = field(default_factory=list)
+    ops: list | None = field(default_factory=list)
+    parse_error: str = ""
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -774,7 +775,10 @@ class _Builder:
         try:
             s.ops = [_parse_operand(o, s.where()) for o in ops_text]
         except GuestBuildError as e:
-            raise GuestBuildError(f"{e}\n    {t}") from None
+            # report it after keystone had its say (it usually rejects the statement too)
+            s.ops = None
+            s.parse_error = str(e).split(": ", 1)[-1] if s.where() in str(e) else str(e)
+            return
         for o in s.ops:
             mem = o.mem
             if mem is not None and mem.base is None and mem.index is None and mem.disp is not None:
@@ -952,6 +956,8 @@ class _Builder:
 
         addr = insn.address
         mnem, sops = s.mnem, s.ops
+        if sops is None:
+            raise self._err(s, addr, f"cannot check this statement: {s.parse_error}", insn)
         if _canon_mnemonic(mnem) != _canon_mnemonic(insn.mnemonic):
             raise self._err(s, addr, f"instruction mismatch: source says {mnem!r}, keystone "
                             f"emitted {insn.mnemonic!r}", insn)
