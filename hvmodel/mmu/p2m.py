@@ -70,7 +70,6 @@ class P2M:
         self.listeners: list[Callable[[int], None]] = []
         # esxtop-style counters this layer owns.
         self.first_touches = 0
-        self.violations = 0
 
     # -- queries --------------------------------------------------------------------
 
@@ -95,7 +94,6 @@ class P2M:
         """
         if gfn >= self.npages:
             raise GuestMemoryError(gfn, f"outside guest memory ({self.npages} pages)")
-        self.violations += 1
         st = self.state[gfn]
         if st == P2MState.PRIVATE:
             return int(self.value[gfn]), True
@@ -109,6 +107,35 @@ class P2M:
             self.first_touches += 1
             return frame, True
         raise GuestMemoryError(gfn, f"state {P2MState(st).name} cannot be resolved yet")
+
+    # -- guest-physical access for the VMM (loading images, reports, the checker) ----
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        """Bytes of guest-physical memory; untouched pages read as zero. No side effects."""
+        out = bytearray()
+        pool = self.pool
+        while size:
+            n = min(size, (1 << PAGE_SHIFT) - (gpa & 0xFFF))
+            frame = self.frame_of(gpa >> PAGE_SHIFT)
+            if frame < 0:
+                out += bytes(n)
+            else:
+                off = (frame << PAGE_SHIFT) | (gpa & 0xFFF)
+                out += pool.mv[off:off + n]
+            gpa += n
+            size -= n
+        return bytes(out)
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        """Write guest-physical memory as the VMM (backs pages as needed)."""
+        pos = 0
+        while pos < len(data):
+            n = min(len(data) - pos, (1 << PAGE_SHIFT) - (gpa & 0xFFF))
+            frame, _ = self.resolve(gpa >> PAGE_SHIFT, True)
+            off = (frame << PAGE_SHIFT) | (gpa & 0xFFF)
+            self.pool.mv[off:off + n] = data[pos:pos + n]
+            gpa += n
+            pos += n
 
     # -- changes ------------------------------------------------------------------------
 

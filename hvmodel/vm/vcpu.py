@@ -310,8 +310,7 @@ class VCpu:
             if r >= 0:
                 r = self._peek_phys(r)
         else:
-            r = self.mmu.translate(cr3, va, acc, user, ctl) if not self.native else \
-                walk(_FlatMemory(self.q), cr3, va, acc, user, ctl)
+            r = self.mmu.translate(cr3, va, acc, user, ctl)
         if r < 0:
             raise GuestAccessFault(~r, va, acc)
         if not peek and self.mmu.flush_pending:
@@ -319,10 +318,8 @@ class VCpu:
         return (r & ADDR_MASK) | (va & 0xFFF)
 
     def _peek_phys(self, r: int) -> int:
-        if self.native:
-            return r
-        lookup = getattr(self.mmu, "peek_gpa", None)
-        return lookup(r) if lookup else -1
+        pa = self.mmu.peek_gpa(r & ADDR_MASK)
+        return pa if pa < 0 else pa | (r & 7)
 
     def vmem_read(self, va: int, size: int, acc: int = ACC_READ, *, user: bool = False,
                   peek: bool = False) -> bytes:
@@ -347,19 +344,6 @@ class VCpu:
             off += n
 
 
-class _FlatMemory:
-    """Guest tables in flat guest-physical memory (the reference mode)."""
-
-    def __init__(self, q: memoryview) -> None:
-        self.q = q
-
-    def read_pte(self, gpa: int) -> int:
-        return self.q[gpa >> 3]
-
-    def write_pte(self, gpa: int, value: int) -> None:
-        self.q[gpa >> 3] = value
-
-
 class _PeekMemory:
     """Read-only view for diagnostics: walks without setting A/D bits or resolving."""
 
@@ -367,8 +351,6 @@ class _PeekMemory:
         self.vcpu = vcpu
 
     def read_pte(self, gpa: int) -> int:
-        if self.vcpu.native:
-            return self.vcpu.q[gpa >> 3]
         pa = self.vcpu.mmu.peek_gpa(gpa)
         if pa < 0:
             return 0

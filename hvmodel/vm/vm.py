@@ -25,8 +25,9 @@ from ..devices.pit import Pit8254
 from ..devices.uart import Uart16550
 from ..guest.image import GuestImage
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory, MachinePool
+from ..mmu.native import FlatRAM, NativeMMU
 from ..mmu.nested import NestedMMU
-from ..mmu.p2m import P2M, GuestMemoryError
+from ..mmu.p2m import P2M, GuestMemoryError, P2MState
 from .events import EventInjector, TripleFault
 from .exits import PF, ExitReason, VmExit, vector_name
 from .vcpu import VCpu
@@ -35,7 +36,7 @@ MIB = 1 << 20
 DEFAULT_MEM = 64 * MIB
 DEFAULT_SLICE = 2_000_000
 DEFAULT_MAX_INSNS = 500_000_000
-MMU_MODES = ("nested",)
+MMU_MODES = ("nested", "native")
 
 
 class VMError(Exception):
@@ -80,7 +81,8 @@ class VMResult:
 class VM:
     """A VM on a machine pool, ready to run one guest image."""
 
-    def __init__(self, config: VMConfig, image: GuestImage, pool: MachinePool, vm_id: int = 1) -> None:
+    def __init__(self, config: VMConfig, image: GuestImage, pool: MachinePool | None = None,
+                 vm_id: int = 1) -> None:
         config.validate()
         self.config = config
         self.pool = pool
@@ -89,11 +91,24 @@ class VM:
         if image.load_addr + len(image.code) > config.memsize:
             raise VMError(f"guest image ({len(image.code)} bytes at {image.load_addr:#x}) "
                           f"does not fit in {config.memsize // MIB} MiB of guest memory")
-        self.p2m = P2M(pool, npages, vm_id)
-        try:
-            self.mmu = NestedMMU(self.p2m, pool)
-        except HostOutOfMemory as e:
-            raise VMError(f"cannot create the nested page tables: {e}") from None
+        self.native = config.mmu == "native"
+        if self.native:
+            # The reference: flat guest-physical memory, Unicorn's own MMU, no p2m.
+            ram = FlatRAM(config.memsize)
+            self.p2m = None
+            self.ram = ram
+            self.mmu = NativeMMU(ram)
+            phys = (ram.host_addr, ram.size, ram.q, ram.mv)
+        else:
+            if pool is None:
+                raise VMError(f"MMU mode {config.mmu} needs a machine pool")
+            self.p2m = P2M(pool, npages, vm_id)
+            self.ram = self.p2m
+            try:
+                self.mmu = NestedMMU(self.p2m, pool)
+            except HostOutOfMemory as e:
+                raise VMError(f"cannot create the nested page tables: {e}") from None
+            phys = (pool.host_addr, pool.size, pool.q, pool.mv)
 
         self.idle_insns = 0
         self.io = IOBus()
@@ -104,9 +119,10 @@ class VM:
         for dev in (self.uart, self.debug_exit, self.pit, self.pic):
             self.io.attach(dev)
 
-        self.vcpu = VCpu(pool.host_addr, pool.size, pool.q, pool.mv, self.mmu, self.io)
-        self.vcpu.fetched = pool.fetched
-        pool.on_code_frame_reuse.append(self._drop_code)
+        self.vcpu = VCpu(*phys, self.mmu, self.io, native=self.native)
+        if pool is not None and not self.native:
+            self.vcpu.fetched = pool.fetched
+            pool.on_code_frame_reuse.append(self._drop_code)
         self.events = EventInjector(self.vcpu)
         self.guest_page_faults = 0
         self.exit_status: int | None = None
@@ -119,16 +135,10 @@ class VM:
 
     def _load(self, image: GuestImage) -> None:
         """Copy the image into guest-physical memory and set the entry state (GUEST-ABI.md)."""
-        data = image.code
-        for off in range(0, len(data), PAGE_SIZE):
-            gpa = image.load_addr + off
-            try:
-                frame, _ = self.p2m.resolve(gpa >> PAGE_SHIFT, True)
-            except GuestMemoryError as e:
-                raise VMError(f"cannot load the guest: {e}") from None
-            chunk = data[off:off + PAGE_SIZE]
-            start = (frame << PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1))
-            self.pool.mv[start:start + len(chunk)] = chunk
+        try:
+            self.ram.write_gpa(image.load_addr, image.code)
+        except GuestMemoryError as e:
+            raise VMError(f"cannot load the guest: {e}") from None
         v = self.vcpu
         v.set_reg(X.UC_X86_REG_RIP, image.entry)
         v.set_reg(X.UC_X86_REG_RSP, image.load_addr)
@@ -153,33 +163,49 @@ class VM:
 
     # -- the run loop ------------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        return not self.stop_reason
+
     def run(self, max_insns: int = DEFAULT_MAX_INSNS) -> VMResult:
         """Run until the guest powers off, dies, or ``max_insns`` instructions pass."""
-        vcpu = self.vcpu
-        while self.exit_status is None and not self.stop_reason:
-            now = self.clock()
-            if self.pit.fire(now):
-                self.pic.raise_irq(0)
-            self._maybe_interrupt()
-            if self.stop_reason:
-                break
-            left = max_insns - vcpu.insns
-            if left <= 0:
-                self._stop("instruction_limit", f"instruction limit reached ({max_insns:,} instructions)",
-                           status=None)
-                break
-            budget = min(self.config.slice_insns, left)
-            deadline = self.pit.next_irq(now)
-            if deadline is not None and deadline > now:
-                budget = min(budget, deadline - now)
-            if self.pic.pending() is not None:
-                budget = min(budget, 1000)  # IF = 0: look again soon
-            try:
-                ex = vcpu.run(budget)
-                self._dispatch(ex)
-            except GuestMemoryError as e:
-                self._stop("host_failure" if e.host_failure else "guest_memory", str(e), status=None)
+        while self.running:
+            self.step(max_insns)
         return self.result()
+
+    def step(self, max_insns: int = DEFAULT_MAX_INSNS, limit: int | None = None) -> VmExit | None:
+        """One turn of the run loop: pending interrupt, one slice, its exit dispatched.
+
+        ``limit`` caps the slice (the checker uses it to stop modes at the same
+        instruction counts). Returns the exit, or None if the VM stopped before running.
+        """
+        vcpu = self.vcpu
+        now = self.clock()
+        if self.pit.fire(now):
+            self.pic.raise_irq(0)
+        self._maybe_interrupt()
+        if self.stop_reason:
+            return None
+        left = max_insns - vcpu.insns
+        if left <= 0:
+            self._stop("instruction_limit", f"instruction limit reached ({max_insns:,} instructions)",
+                       status=None)
+            return None
+        budget = min(self.config.slice_insns, left)
+        if limit is not None:
+            budget = min(budget, limit)
+        deadline = self.pit.next_irq(now)
+        if deadline is not None and deadline > now:
+            budget = min(budget, deadline - now)
+        if self.pic.pending() is not None:
+            budget = min(budget, 1000)  # IF = 0: look again soon
+        try:
+            ex = vcpu.run(budget)
+            self._dispatch(ex)
+        except GuestMemoryError as e:
+            self._stop("host_failure" if e.host_failure else "guest_memory", str(e), status=None)
+            return VmExit(ExitReason.ERROR, message=str(e))
+        return ex
 
     def _maybe_interrupt(self) -> None:
         vcpu = self.vcpu
@@ -255,9 +281,10 @@ class VM:
             "tlb_flushes": v.tlb_flushes,
             "guest_page_faults": self.guest_page_faults,
             "events_delivered": {vector_name(k): n for k, n in sorted(self.events.delivered.items())},
-            "frames_allocated": self.p2m.first_touches,
-            "guest_pages_backed": int(self.p2m.count(1)),
         }
+        if self.p2m is not None:
+            c["frames_allocated"] = self.p2m.first_touches
+            c["guest_pages_backed"] = self.p2m.count(P2MState.PRIVATE)
         c.update(self.mmu.counters())
         c["io_unknown_reads"] = sum(self.io.unknown_reads.values())
         c["io_unknown_writes"] = sum(self.io.unknown_writes.values())
@@ -271,8 +298,10 @@ class VM:
 
     def close(self) -> None:
         """Return every frame this VM holds to the pool."""
-        self.p2m.release_all()
         self.mmu.release()
+        if self.p2m is None or self.pool is None:
+            return
+        self.p2m.release_all()
         if self._drop_code in self.pool.on_code_frame_reuse:
             self.pool.on_code_frame_reuse.remove(self._drop_code)
 

@@ -1,0 +1,71 @@
+"""The reference mode: Unicorn's own x86 MMU over flat guest-physical memory.
+
+In ``--mmu native`` there is no p2m, no pool and no fill hook: Unicorn runs in
+``UC_TLB_CPU`` mode and QEMU's walker translates every guest access over one flat
+buffer that *is* guest-physical memory. It is the independent reference the
+checker compares the VMM's MMUs against, not a third VMM.
+
+The VMM still needs guest-virtual accesses of its own (event delivery pushes the
+frame, reads the IDT and the TSS); for those :class:`NativeMMU` walks the guest
+tables over the flat buffer with the same ``walk()`` — QEMU would do exactly the
+same reads and A/D writes when it delivers an event itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from .walk import walk
+
+
+class FlatRAM:
+    """Guest-physical memory as one anonymous mmap, mapped at address 0 in Unicorn."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._cbuf = (ctypes.c_char * size).from_buffer(self.buf)
+        self.host_addr = ctypes.addressof(self._cbuf)
+        self.mv = memoryview(self.buf)
+        self.q = self.mv.cast("Q")
+
+    # TableMemory for walk()
+    def read_pte(self, gpa: int) -> int:
+        return self.q[gpa >> 3]
+
+    def write_pte(self, gpa: int, value: int) -> None:
+        self.q[gpa >> 3] = value
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        """Bytes of guest-physical memory."""
+        return bytes(self.mv[gpa:gpa + size])
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        """Write guest-physical memory (image loading)."""
+        self.mv[gpa:gpa + len(data)] = data
+
+
+class NativeMMU:
+    """The VMM's own guest-virtual accesses in reference mode: a walk over flat RAM."""
+
+    kind = "native"
+    flush_pending = False
+
+    def __init__(self, ram: FlatRAM) -> None:
+        self.ram = ram
+        self.walks = 0
+
+    def translate(self, cr3: int, va: int, acc: int, user: bool, ctl: int) -> int:
+        """GVA → GPA (= address in the flat buffer) | perms, or ~fault."""
+        self.walks += 1
+        return walk(self.ram, cr3, va, acc, user, ctl)
+
+    def peek_gpa(self, gpa: int) -> int:
+        return gpa if gpa < self.ram.size else -1
+
+    def counters(self) -> dict[str, int]:
+        return {"walks": self.walks}
+
+    def release(self) -> None:
+        pass
