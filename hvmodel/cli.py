@@ -22,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+from .check.lockstep import DEFAULT_EVERY, check
 from .guest.image import GuestBuildError, load_guest
 from .host import DEFAULT_HOST_MEM, Host, HostConfig
 from .vm.vm import DEFAULT_MAX_INSNS, DEFAULT_MEM, MIB, MMU_MODES, VMConfig, VMError, VMResult
@@ -79,7 +80,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the hello guest and explain what the hypervisor did")
     _add_vm_options(demo)
+
+    chk = sub.add_parser("check", help="run a guest under MMU modes and the reference MMU in lock-step "
+                                       "and compare")
+    chk.add_argument("guest", help="guest image (.asm or flat binary)")
+    chk.add_argument("--mmu", type=_mode_list, default=["nested"],
+                     help="comma-separated VMM modes to check against the reference (default nested)")
+    chk.add_argument("--every", type=_positive_int, default=DEFAULT_EVERY,
+                     help=f"also compare every N instructions (default {DEFAULT_EVERY:,})")
+    chk.add_argument("--mem", type=parse_size, default=DEFAULT_MEM, help="guest memory")
+    chk.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
+                     help="stop the guest after this many instructions")
     return p
+
+
+def _mode_list(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MMU_MODES or m == "native"]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown MMU mode(s) {', '.join(bad) or text!r}; VMM modes: "
+            f"{', '.join(m for m in MMU_MODES if m != 'native')}")
+    return modes
 
 
 def _add_vm_options(p: argparse.ArgumentParser) -> None:
@@ -175,6 +197,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _exit_status(r)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        image = load_guest(Path(args.guest))
+    except GuestBuildError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    try:
+        res = check(image, args.mmu, memsize=args.mem, every=args.every, max_insns=args.max_insns)
+    except VMError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    if not res.ok:
+        print(res.report)
+    print(res.summary())
+    return 0 if res.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hvmodel`` console script."""
     parser = _build_parser()
@@ -184,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.cmd == "demo":
             return cmd_demo(args)
+        if args.cmd == "check":
+            return cmd_check(args)
     except CliError as e:
         print(f"hvmodel: {e}", file=sys.stderr)
         return e.status

@@ -108,6 +108,9 @@ class VCpu:
         self.exits: dict[str, int] = {}
         # Per-frame "code was fetched from here" flags of the machine pool, if any.
         self.fetched = None
+        # OUT to these ports ends the slice (the VM sets the timer/PIC ports).
+        self.kick_ports: frozenset[int] = frozenset()
+        self._stop_counter = -1
 
         if not native:
             self._fill_cb = HOOK_TLB_FILL_CFUNC(self._fill)
@@ -163,6 +166,7 @@ class VCpu:
         return False
 
     def _record_fault(self, fault: int, acc: int) -> None:
+        self._stop_counter = self._counter.value
         if fault & FAULT_GP:
             self.pending = VmExit(ExitReason.EXCEPTION, vector=GP, error_code=0)
         else:
@@ -182,11 +186,11 @@ class VCpu:
             err, soft = self.state.exception_info()
             self.pending = VmExit(ExitReason.EXCEPTION, vector=intno,
                                   error_code=err if not soft else None, soft=soft)
-        uc.emu_stop()
+        self._stop(uc)
 
     def _on_invalid(self, uc: Uc, _ud: object) -> bool:
         self.pending = VmExit(ExitReason.EXCEPTION, vector=UD)
-        uc.emu_stop()
+        self._stop(uc)
         return True
 
     def _on_in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
@@ -199,10 +203,20 @@ class VCpu:
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
         try:
             self.io.write(port, size, value)
+            if self.pending is None and port in self.kick_ports:
+                # A timer or interrupt-controller write can move the next event:
+                # end the slice so the run loop recomputes it.
+                self.pending = VmExit(ExitReason.SLICE_END)
             if self.pending is not None:
-                uc.emu_stop()
+                self._stop(uc)
         except BaseException as exc:
             self._hook_failed(exc)
+
+    def _stop(self, uc: Uc) -> None:
+        # Unicorn may count the next instruction of the block before the stop takes
+        # effect; the count at the hook is the exact number of instructions begun.
+        self._stop_counter = self._counter.value
+        uc.emu_stop()
 
     def _hook_failed(self, exc: BaseException) -> None:
         if self.hook_error is None:
@@ -212,7 +226,7 @@ class VCpu:
     def request_exit(self, exit_: VmExit) -> None:
         """Devices call this (through the VM) to end the slice after the current instruction."""
         self.pending = exit_
-        self.uc.emu_stop()
+        self._stop(self.uc)
 
     # -- running -------------------------------------------------------------------------
 
@@ -220,6 +234,7 @@ class VCpu:
         """Run at most ``budget`` instructions; return why the slice ended."""
         self.pending = None
         self.hook_error = None
+        self._stop_counter = -1
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         error: UcError | None = None
         self._running = True
@@ -229,7 +244,7 @@ class VCpu:
             error = e
         finally:
             self._running = False
-        counted = self._counter.value
+        counted = self._counter.value if self._stop_counter < 0 else self._stop_counter
         self.insns += min(counted, budget)
         if self.hook_error is not None:
             exc, self.hook_error = self.hook_error, None

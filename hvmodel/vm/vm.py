@@ -120,6 +120,8 @@ class VM:
             self.io.attach(dev)
 
         self.vcpu = VCpu(*phys, self.mmu, self.io, native=self.native)
+        self.vcpu.kick_ports = frozenset(self.pit.ports) | frozenset(self.pic.ports)
+        self._irq_window = 1
         if pool is not None and not self.native:
             self.vcpu.fetched = pool.fetched
             pool.on_code_frame_reuse.append(self._drop_code)
@@ -198,7 +200,12 @@ class VM:
         if deadline is not None and deadline > now:
             budget = min(budget, deadline - now)
         if self.pic.pending() is not None:
-            budget = min(budget, 1000)  # IF = 0: look again soon
+            # An interrupt waits for RFLAGS.IF: look again after 1, 2, 4, ... 1024
+            # instructions (an "interrupt window"; deterministic, so all modes agree).
+            budget = min(budget, self._irq_window)
+            self._irq_window = min(self._irq_window * 2, 1024)
+        else:
+            self._irq_window = 1
         try:
             ex = vcpu.run(budget)
             self._dispatch(ex)
