@@ -30,20 +30,28 @@ runs from pages it makes supervisor-only while SMEP is on. A model has no such
 problem, so user accesses ARE combined with SMEP here (SMEP must not affect them).
 PKU is not modelled by the walker and is not enumerated.
 
-Our own rules, which only remove combinations that cannot differ from a kept one:
+Our own rules, which only remove combinations that cannot differ from a kept one
+(they keep the exhaustive run in ``tests/mmu/test_walk_matrix.py`` well under 20 s):
 
 4. PTE flags are enumerated only when the PTE is really walked, i.e. the PDE is present,
    not a 2 MiB leaf and free of reserved bits; otherwise all ``pte.*`` flags are clear
    (with ``pde.pse`` there is no PTE at all; when the PDE faults the PTE is never read);
 5. ``eflags.ac`` only with ``cr4.smap`` (AC has no effect on paging otherwise);
-6. ``pde.d`` only with ``pde.pse``: bit 6 is ignored in a non-leaf PDE (SDM table 4-18),
+6. ``pde.d`` only with ``pde.pse``: bit 6 is ignored in a PDE that references a page
+   table (SDM §4.5, PDE formats),
    so a non-leaf PDE with D set behaves exactly as without (a unit test covers that);
 7. ``twice`` only when the first read can change something, i.e. some A bit it could
    set is clear (``pte.a`` for a 4 KiB leaf, ``pde.a``); with every A bit already set
-   the supervisor read first writes nothing and the case equals the "once" one.
+   the supervisor read first writes nothing and the case equals the "once" one;
+8. ``cr4.smep`` and ``cr4.smap`` not both set, in the spirit of access.c's "one reserved
+   bit at a time": SMEP governs only supervisor fetches and SMAP only supervisor data
+   accesses, so each access meets at most one of them;
+9. ``pdpte.ro`` only with ``pde.rw``: with the PDE read-only, W is already withheld and
+   a read-only PDPTE cannot change anything.
 
-Count (all dimensions, default arguments): 1,005,120 legal combinations; see
-:func:`count_cases` and ``tests/mmu/test_walk_matrix.py``, which asserts it.
+Count: 575,712 legal combinations with every dimension (the default arguments);
+287,856 without SMAP/AC; 20,448 with every optional dimension dropped. See
+:func:`count_cases`; ``tests/mmu/test_walk_matrix.py`` asserts these numbers.
 
 Expected values
 ---------------
@@ -68,6 +76,7 @@ access faults (hardware may or may not set A on a faulting 2 MiB leaf).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Iterator
@@ -266,11 +275,14 @@ def initial_entries(case: Case) -> tuple[int, int, int, int | None]:
     return pml4e, pdpte, pde, pte
 
 
+@functools.lru_cache(maxsize=64)
 def entry_addresses(va: int = DEFAULT_VA) -> tuple[int, int, int, int]:
-    """Guest-physical addresses of the PML4E, PDPTE, PDE and PTE used for ``va``."""
-    def idx(level: int) -> int:
-        return (va >> (12 + 9 * (level - 1))) & 511
-    return (PML4_PHYS + 8 * idx(4), PDPT_PHYS + 8 * idx(3), PD_PHYS + 8 * idx(2), PT_PHYS + 8 * idx(1))
+    """Guest-physical addresses of the PML4E, PDPTE, PDE and PTE used for ``va``.
+
+    Index of level L (4 = PML4 ... 1 = PT): linear-address bits 12+9(L-1) .. 20+9(L-1).
+    """
+    return (PML4_PHYS + 8 * ((va >> 39) & 511), PDPT_PHYS + 8 * ((va >> 30) & 511),
+            PD_PHYS + 8 * ((va >> 21) & 511), PT_PHYS + 8 * ((va >> 12) & 511))
 
 
 def build_tables(case: Case, va: int = DEFAULT_VA) -> tuple[dict[int, int], int, int]:
@@ -417,6 +429,8 @@ def is_legal(flags: int) -> bool:
         return False
     if f & AC_PDE_DIRTY and not f & AC_PDE_PSE:
         return False
+    if f & AC_PDPTE_NO_WRITABLE and not f & AC_PDE_WRITABLE:
+        return False
     if f & AC_ACCESS_TWICE:
         a_clear = not f & AC_PDE_ACCESSED or (pde_walks_pte and not f & AC_PTE_ACCESSED)
         if not a_clear:
@@ -452,20 +466,15 @@ def enumerate_cases(smap: bool = True, smep: bool = True, twice: bool = True,
     if pdpte:
         pde_bits.append(AC_PDPTE_NO_WRITABLE)
 
-    pte_combos = _combos(pte_bits)
-    pte_rsvd = AC_PTE_BIT51 | AC_PTE_BIT40
-    # PTE combinations by EFER.NXE and by whether a reserved bit is still allowed.
-    pte_lists: dict[tuple[bool, bool], list[int]] = {}
+    # PTE combinations with at most one reserved bit, by EFER.NXE. A walked PTE sits
+    # under a PDE without reserved bits, so the PTE may always use the one allowed.
+    pte_lists: dict[bool, list[int]] = {}
     for nxe in (False, True):
-        for budget in (False, True):
-            out = []
-            for pte in pte_combos:
-                r = pte & pte_rsvd
-                if not nxe:
-                    r |= pte & AC_PTE_NX
-                if r == 0 or (budget and not r & (r - 1)):
-                    out.append(pte)
-            pte_lists[nxe, budget] = out
+        pte_lists[nxe] = []
+        for pte in _combos(pte_bits):
+            r = pte & (AC_PTE_BIT51 | AC_PTE_BIT40 | (0 if nxe else AC_PTE_NX))
+            if not r & (r - 1):
+                pte_lists[nxe].append(pte)
 
     index = 0
     for cpu in _combos(cpu_bits):
@@ -487,7 +496,7 @@ def enumerate_cases(smap: bool = True, smep: bool = True, twice: bool = True,
                         yield Case(index, head)
                         index += 1
                     continue
-                plist = pte_lists[nxe, not (pde & AC_PDE_NX and not nxe)]
+                plist = pte_lists[nxe]
                 if acc & AC_ACCESS_TWICE and pde & AC_PDE_ACCESSED:
                     for pte in plist:
                         if not pte & AC_PTE_ACCESSED:
