@@ -150,11 +150,20 @@ def _compare(runs: list[_Run]) -> str:
     return ""
 
 
+def _first_diff(a: list, b: list) -> tuple:
+    for x, y in zip(a, b):
+        if x != y:
+            return x, y
+    if len(a) != len(b):
+        return (a[len(b)] if len(a) > len(b) else None, b[len(a)] if len(b) > len(a) else None)
+    return ()
+
+
 def _fmt_event(e) -> str:
     if e is None:
         return "(none)"
-    v, err, cr2 = e
-    s = f"vector {v}"
+    v, err, cr2, rip = e
+    s = f"vector {v} at RIP {rip:#x}"
     if err is not None:
         s += f" err {err:#x}"
     if cr2 is not None:
@@ -164,6 +173,9 @@ def _fmt_event(e) -> str:
 
 def _divergence_report(r: _Run, ref: _Run, what: list[str], regs: dict, ref_regs: dict) -> str:
     lines = [f"  {r.name} vs native:"] + [f"    - {w}" for w in what]
+    diverged = [e for e in (_first_diff(r.vm.events.log, ref.vm.events.log)) if e is not None]
+    if diverged:
+        lines.append(f"  the event was raised by: {disassemble_at(ref.vm.vcpu, diverged[0][3])}")
     for run, rg in ((r, regs), (ref, ref_regs)):
         lines.append(f"  {run.name}: {disassemble_at(run.vm.vcpu, rg['rip'])}")
         lines.append("    " + " ".join(f"{k}={v:#x}" for k, v in rg.items()))

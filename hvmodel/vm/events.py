@@ -76,13 +76,15 @@ class EventInjector:
     def __init__(self, vcpu: VCpu) -> None:
         self.vcpu = vcpu
         self.delivered: dict[int, int] = {}
-        self.log: list[tuple[int, int | None, int | None]] = []  # (vector, error code, cr2)
+        # (vector, error code, cr2, RIP of the event) per delivered event, when keep_log
+        self.log: list[tuple[int, int | None, int | None, int]] = []
         self.keep_log = False
 
     def deliver(self, vector: int, error_code: int | None = None, *, cr2: int | None = None,
                 soft: bool = False, external: bool = False) -> None:
         """Deliver one event; raise TripleFault if that proves impossible."""
         chain = [self._describe(vector, error_code, cr2)]
+        rip = self.vcpu.rip if self.keep_log else 0
         while True:
             if soft or external or vector not in VECTORS_WITH_ERROR_CODE:
                 error_code = None
@@ -94,7 +96,7 @@ class EventInjector:
                 self._deliver_once(vector, error_code, soft, external)
                 self.delivered[vector] = self.delivered.get(vector, 0) + 1
                 if self.keep_log:
-                    self.log.append((vector, error_code, cr2))
+                    self.log.append((vector, error_code, cr2, rip))
                 return
             except DeliveryFault as f:
                 chain.append(self._describe(f.vector, f.error_code, f.cr2))
