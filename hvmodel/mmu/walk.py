@@ -9,7 +9,9 @@ reference MMU) does, so differences found by ``hvmodel check`` are real bugs:
   low address bits of a large leaf (bits 29:13 of a 1 GiB PDPTE, 20:13 of a
   2 MiB PDE — bit 12 is PAT there);
 * every non-leaf entry used gets its Accessed bit as the walk passes it, even if
-  the walk faults later (the hardware and QEMU both do this);
+  the walk faults later (the hardware and QEMU both do this); so does a 1 GiB
+  leaf, which QEMU marks before it checks it (the SDM allows A on a faulting
+  leaf; kvm-unit-tests' access.c tolerates it);
 * rights combine over the levels: W = AND of RW, U = AND of US, X = no NX;
   a supervisor write ignores RW when CR0.WP = 0; SMEP forbids supervisor
   fetches from user pages, SMAP supervisor data accesses to them;
@@ -144,6 +146,11 @@ def walk(mem: TableMemory, cr3: int, va: int, acc: int, user: bool, ctl: int,
             return ~_pfec(0, acc, user, ctl)
         if e & rsvd or (level == 4 and e & PTE_PS):
             return ~_pfec(PFEC_P | PFEC_RSVD, acc, user, ctl)
+        if level == 3 and not e & PTE_A:
+            # A PDPTE gets A before the walk knows whether it is a 1 GiB leaf, so a
+            # faulting 1 GiB leaf keeps it: QEMU does this and the SDM allows it.
+            e |= PTE_A
+            mem.write_pte(egpa, e)
         if level == 1 or e & PTE_PS:
             if level == 3 and e & _RSVD_1G or level == 2 and e & _RSVD_2M:
                 return ~_pfec(PFEC_P | PFEC_RSVD, acc, user, ctl)

@@ -235,7 +235,11 @@ def test_non_leaf_levels_get_a_even_when_the_leaf_faults(leaf, why):
     err(walk(mem, CR3, VA, ACC_WRITE, True, BASE_CTL))   # read-only or absent leaf
     for level in range(4, leaf, -1):
         assert mem.e[slot(level)] & AD == A, level
-    assert not mem.e[slot(leaf)] & AD
+    if leaf == 3 and why == "protection":
+        # A 1 GiB leaf is marked accessed before it is checked, as QEMU does.
+        assert mem.e[slot(leaf)] & AD == A
+    else:
+        assert not mem.e[slot(leaf)] & AD
 
 
 @pytest.mark.parametrize("leaf", [1, 2, 3])
@@ -453,5 +457,7 @@ def test_property_walk_only_sets_a_and_d_bits(s):
             assert gpa in read_at
             if changed & D:
                 assert gpa == leaf_gpa and acc == ACC_WRITE and r >= 0
-    if r < 0:   # a faulting walk never touches its last entry
-        assert mem.e.get(leaf_gpa, 0) == e.get(leaf_gpa, 0)
+    if r < 0:   # a faulting walk never touches its last entry (a PDPTE gets A, as QEMU)
+        last_level = trace[-1][0]
+        before, after = e.get(leaf_gpa, 0), mem.e.get(leaf_gpa, 0)
+        assert after == before or (last_level == 3 and after == before | A)
