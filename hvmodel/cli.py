@@ -83,7 +83,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="run a guest under MMU modes and the reference MMU in lock-step "
                                        "and compare")
-    chk.add_argument("guest", help="guest image (.asm or flat binary)")
+    chk.add_argument("guest", nargs="?", help="guest image (.asm or flat binary); omit with --matrix")
+    chk.add_argument("--matrix", action="store_true",
+                     help="run the access matrix (kvm-unit-tests access.c style) instead of a guest")
+    chk.add_argument("--sample", type=_positive_int, default=1,
+                     help="with --matrix: run every Kth legal combination (default 1: all)")
     chk.add_argument("--mmu", type=_mode_list, default=["nested"],
                      help="comma-separated VMM modes to check against the reference (default nested)")
     chk.add_argument("--every", type=_positive_int, default=DEFAULT_EVERY,
@@ -198,6 +202,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.matrix:
+        if args.guest:
+            raise CliError("check: give either a guest or --matrix, not both", EXIT_USAGE)
+        from .check.matrix import run_matrix
+        res = run_matrix(args.mmu, sample=args.sample)
+        print("\n".join(res.lines()))
+        return 0 if res.ok else 1
+    if not args.guest:
+        raise CliError("check: a guest image (or --matrix) is required", EXIT_USAGE)
     try:
         image = load_guest(Path(args.guest))
     except GuestBuildError as e:
