@@ -61,6 +61,9 @@ class NativeMMU:
         self.walks += 1
         return walk(self.ram, cr3, va, acc, user, ctl)
 
+    def on_exit(self) -> None:
+        pass
+
     def peek_gpa(self, gpa: int) -> int:
         return gpa if gpa < self.ram.size else -1
 

@@ -20,7 +20,7 @@ so the first write to every page reaches the VMM: that is the dirty log.
 from __future__ import annotations
 
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
-from .p2m import P2M, P2MState
+from .p2m import P2M
 from .walk import ACC_WRITE, ADDR_MASK, PERM_W, PERM_X, walk
 
 EPT_R = 1 << 0
@@ -118,13 +118,8 @@ class NestedMMU:
     def _violation(self, gfn: int, write: bool) -> int:
         """EPT violation exit: ask the p2m, install the leaf, return it."""
         self.ept_violations += 1
-        p2m = self.p2m
-        if not write and gfn < p2m.npages and p2m.state[gfn] == P2MState.UNBACKED:
-            # An untouched page reads as zero: map the shared zero frame read-only
-            # and allocate only when the guest writes (first touch).
-            frame, writable = ZERO_FRAME, False
-        else:
-            frame, writable = p2m.resolve(gfn, write)
+        # An untouched page read maps the zero frame read-only; a write allocates.
+        frame, writable = self.p2m.map_for(gfn, write)
         idx = self._slot(gfn)
         old = self.q[idx]
         if old & EPT_RWX and (old & ADDR_MASK) >> PAGE_SHIFT != frame:
@@ -168,6 +163,9 @@ class NestedMMU:
         """The leaf for gfn without side effects (0 if none): for reports and tests."""
         idx = self._leaf_index(gfn)
         return self.q[idx] if idx >= 0 else 0
+
+    def on_exit(self) -> None:
+        """Nothing deferred to finish (the shadow MMU processes traced writes here)."""
 
     def peek_gpa(self, gpa: int) -> int:
         """GPA → machine address with no side effects (reports, diagnostics); -1 if outside."""

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..machine.pool import PAGE_SHIFT, HostOutOfMemory, MachinePool
+from ..machine.pool import PAGE_SHIFT, ZERO_FRAME, HostOutOfMemory, MachinePool
 
 
 class P2MState(IntEnum):
@@ -136,6 +136,16 @@ class P2M:
             self.pool.mv[off:off + n] = data[pos:pos + n]
             gpa += n
             pos += n
+
+    def map_for(self, gfn: int, write: bool) -> tuple[int, bool]:
+        """The frame an MMU should map for an access, and whether it may be written.
+
+        An untouched page read maps the shared zero frame read-only; only a write
+        allocates (first touch). Everything else is :meth:`resolve`.
+        """
+        if not write and gfn < self.npages and self.state[gfn] == P2MState.UNBACKED:
+            return ZERO_FRAME, False
+        return self.resolve(gfn, write)
 
     # -- changes ------------------------------------------------------------------------
 

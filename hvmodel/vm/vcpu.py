@@ -38,11 +38,20 @@ _CTL_TLB_FLUSH = (1 << 30) | 11
 
 
 class Translator(Protocol):
-    """An MMU as the vCPU sees it: GVA → address in the vCPU's physical buffer."""
+    """An MMU as the vCPU sees it: GVA → address in the vCPU's physical buffer.
+
+    ``flush_pending``: a translation the MMU handed out changed — flush Unicorn's TLB.
+    ``on_exit()``: the vCPU stopped running guest code; finish deferred work.
+    """
 
     kind: str
+    flush_pending: bool
 
     def translate(self, cr3: int, va: int, acc: int, user: bool, ctl: int) -> int: ...
+
+    def on_exit(self) -> None: ...
+
+    def peek_gpa(self, gpa: int) -> int: ...
 
 
 class _Msr(ctypes.Structure):
@@ -244,6 +253,9 @@ class VCpu:
             error = e
         finally:
             self._running = False
+        self.mmu.on_exit()
+        if self.mmu.flush_pending:
+            self.flush_tlb()
         counted = self._counter.value if self._stop_counter < 0 else self._stop_counter
         self.insns += min(counted, budget)
         if self.hook_error is not None:

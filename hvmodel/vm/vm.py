@@ -27,6 +27,7 @@ from ..guest.image import GuestImage
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory, MachinePool
 from ..mmu.native import FlatRAM, NativeMMU
 from ..mmu.nested import NestedMMU
+from ..mmu.shadow import ShadowMMU
 from ..mmu.p2m import P2M, GuestMemoryError, P2MState
 from .events import EventInjector, TripleFault
 from .exits import PF, ExitReason, VmExit, vector_name
@@ -36,7 +37,7 @@ MIB = 1 << 20
 DEFAULT_MEM = 64 * MIB
 DEFAULT_SLICE = 2_000_000
 DEFAULT_MAX_INSNS = 500_000_000
-MMU_MODES = ("nested", "native")
+MMU_MODES = ("nested", "shadow", "native")
 
 
 class VMError(Exception):
@@ -52,6 +53,7 @@ class VMConfig:
     mmu: str = "nested"
     slice_insns: int = DEFAULT_SLICE
     echo: Callable[[bytes], None] | None = None
+    shadow_max_pages: int | None = None  # shadow page budget (default: 2 % of guest pages, >= 64)
 
     def validate(self) -> None:
         if self.mmu not in MMU_MODES:
@@ -105,9 +107,12 @@ class VM:
             self.p2m = P2M(pool, npages, vm_id)
             self.ram = self.p2m
             try:
-                self.mmu = NestedMMU(self.p2m, pool)
+                if config.mmu == "shadow":
+                    self.mmu = ShadowMMU(self.p2m, pool, max_pages=config.shadow_max_pages)
+                else:
+                    self.mmu = NestedMMU(self.p2m, pool)
             except HostOutOfMemory as e:
-                raise VMError(f"cannot create the nested page tables: {e}") from None
+                raise VMError(f"cannot create the {config.mmu} page tables: {e}") from None
             phys = (pool.host_addr, pool.size, pool.q, pool.mv)
 
         self.idle_insns = 0
@@ -121,7 +126,7 @@ class VM:
 
         self.vcpu = VCpu(*phys, self.mmu, self.io, native=self.native)
         self.vcpu.kick_ports = frozenset(self.pit.ports) | frozenset(self.pic.ports)
-        self._irq_window = 1
+        self._irq_since: int | None = None
         if pool is not None and not self.native:
             self.vcpu.fetched = pool.fetched
             pool.on_code_frame_reuse.append(self._drop_code)
@@ -200,12 +205,18 @@ class VM:
         if deadline is not None and deadline > now:
             budget = min(budget, deadline - now)
         if self.pic.pending() is not None:
-            # An interrupt waits for RFLAGS.IF: look again after 1, 2, 4, ... 1024
-            # instructions (an "interrupt window"; deterministic, so all modes agree).
-            budget = min(budget, self._irq_window)
-            self._irq_window = min(self._irq_window * 2, 1024)
+            # An interrupt waits for RFLAGS.IF (an "interrupt window"): look again at the
+            # next multiple of W instructions of guest time, W growing from 16 to 1024
+            # the longer it waits. Boundaries in guest time, not in slices, so every
+            # MMU mode (whatever its extra exits) delivers at the same instruction.
+            if self._irq_since is None:
+                self._irq_since = now
+            w = 16
+            while w < now - self._irq_since and w < 1024:
+                w *= 2
+            budget = min(budget, w - now % w)
         else:
-            self._irq_window = 1
+            self._irq_since = None
         try:
             ex = vcpu.run(budget)
             self._dispatch(ex)
