@@ -88,14 +88,26 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="run the access matrix (kvm-unit-tests access.c style) instead of a guest")
     chk.add_argument("--sample", type=_positive_int, default=1,
                      help="with --matrix: run every Kth legal combination (default 1: all)")
-    chk.add_argument("--mmu", type=_mode_list, default=["nested"],
-                     help="comma-separated VMM modes to check against the reference (default nested)")
+    chk.add_argument("--mmu", type=_mode_list, default=list(VMM_MODES),
+                     help=f"comma-separated VMM modes to check against the reference "
+                          f"(default {','.join(VMM_MODES)})")
     chk.add_argument("--every", type=_positive_int, default=DEFAULT_EVERY,
                      help=f"also compare every N instructions (default {DEFAULT_EVERY:,})")
     chk.add_argument("--mem", type=parse_size, default=DEFAULT_MEM, help="guest memory")
     chk.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
                      help="stop the guest after this many instructions")
+
+    fz = sub.add_parser("fuzz", help="generate page-table programs and check every MMU mode on them")
+    fz.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
+    fz.add_argument("--count", type=_positive_int, default=100, help="programs to run (default 100)")
+    fz.add_argument("--start", type=int, default=0, help="index of the first program (replay one)")
+    fz.add_argument("--mmu", type=_mode_list, default=list(VMM_MODES),
+                    help=f"comma-separated VMM modes (default {','.join(VMM_MODES)})")
+    fz.add_argument("--no-shrink", action="store_true", help="report a failure without shrinking it")
     return p
+
+
+VMM_MODES = tuple(m for m in MMU_MODES if m != "native")
 
 
 def _mode_list(text: str) -> list[str]:
@@ -113,7 +125,9 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
                    help=f"guest memory (default {DEFAULT_MEM // MIB}M)")
     p.add_argument("--host-mem", type=parse_size, default=DEFAULT_HOST_MEM,
                    help=f"machine memory of the host (default {DEFAULT_HOST_MEM // MIB}M)")
-    p.add_argument("--mmu", choices=MMU_MODES, default="nested", help="MMU virtualization mode")
+    p.add_argument("--mmu", choices=MMU_MODES, default="nested",
+                   help="MMU virtualization: nested (EPT), shadow (software MMU), native (the reference: "
+                        "Unicorn's own MMU, no VMM)")
     p.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
                    help=f"stop the guest after this many instructions (default {DEFAULT_MAX_INSNS:,})")
 
@@ -225,6 +239,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from .check.fuzz import format_result, fuzz
+    res = fuzz(args.seed, args.count, args.mmu, start=args.start, shrink_failures=not args.no_shrink)
+    print(format_result(res))
+    return 0 if res.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hvmodel`` console script."""
     parser = _build_parser()
@@ -236,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args)
         if args.cmd == "check":
             return cmd_check(args)
+        if args.cmd == "fuzz":
+            return cmd_fuzz(args)
     except CliError as e:
         print(f"hvmodel: {e}", file=sys.stderr)
         return e.status

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
 from .p2m import P2M
-from .walk import ACC_WRITE, ADDR_MASK, PERM_W, PERM_X, walk
+from .walk import ACC_WRITE, ADDR_MASK, PERM_RWX, PERM_W, PERM_X, WALK_LARGE, walk
 
 EPT_R = 1 << 0
 EPT_W = 1 << 1
@@ -65,7 +65,7 @@ class NestedMMU:
         gpa = r & ADDR_MASK
         leaf = self._leaf(gpa >> PAGE_SHIFT, acc == ACC_WRITE)
         self.walk_refs += NESTED_LEVELS
-        perms = r & 7
+        perms = r & (PERM_RWX | WALK_LARGE)
         if not leaf & EPT_X:
             perms &= ~PERM_X
         if not (leaf & EPT_W and leaf & EPT_D):

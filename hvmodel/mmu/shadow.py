@@ -57,7 +57,7 @@ import numpy as np
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, MachinePool
 from .p2m import P2M
 from .walk import (ACC_WRITE, ADDR_MASK, CTL_PG, PERM_RWX, PERM_W, PTE_A, PTE_D, PTE_NX, PTE_P,
-                   PTE_PS, PTE_RW, PTE_US, walk)
+                   PTE_RW, PTE_US, WALK_LARGE, walk)
 
 FLOOD_THRESHOLD = 3
 DEFAULT_MAX_OOS = 8
@@ -103,11 +103,13 @@ class _ShadowWalkMemory:
         self.q = mmu.pool.q
         self.unsync = mmu.unsync_frame
         self.miss = False
+        self.last = 0
 
     def read_pte(self, mpa: int) -> int:
         if self.unsync[mpa >> PAGE_SHIFT]:
             self.miss = True
             return 0
+        self.last = mpa  # the entry read last is the leaf's, when the walk succeeds
         return self.q[mpa >> 3]
 
     def write_pte(self, mpa: int, value: int) -> None:
@@ -159,6 +161,7 @@ class ShadowMMU:
         self.nowrite = np.zeros(pool.nframes, dtype=np.bool_)
         self.nowrite[ZERO_FRAME] = True
         self.unsync_frame = np.zeros(pool.nframes, dtype=np.bool_)
+        self.direct_frame = np.zeros(pool.nframes, dtype=np.bool_)  # frames of direct shadow pages
         self.smem = _ShadowWalkMemory(self)
         self.gmem = _GuestTableMemory(self)
         self.last_cr3 = -1
@@ -194,6 +197,8 @@ class ShadowMMU:
         smem.miss = False
         r = walk(smem, root.frame << PAGE_SHIFT, va, acc, user, ctl)
         if r >= 0 and not smem.miss:
+            if self.direct_frame[smem.last >> PAGE_SHIFT]:
+                r |= WALK_LARGE  # a piece of a guest large page (see vm/intercept.py)
             frame = r >> PAGE_SHIFT
             if not self.nowrite[frame]:
                 self.hits += 1
@@ -234,7 +239,7 @@ class ShadowMMU:
         gfn = r >> PAGE_SHIFT
         write = acc == ACC_WRITE
         frame, writable = self.p2m.map_for(gfn, write)
-        perms = r & PERM_RWX
+        perms = r & (PERM_RWX | WALK_LARGE)
         self._install(root, va, trace, gfn, write)
         if write:
             self._maybe_trace(gfn)
@@ -320,6 +325,7 @@ class ShadowMMU:
         sp = ShadowPage(gfn, role, frame)
         self.pages[(gfn, role)] = sp
         self.by_frame[frame] = sp
+        self.direct_frame[frame] = bool(role & _ROLE_DIRECT)
         self.shadow_pages_created += 1
         if not role & _ROLE_DIRECT:
             self._protect(gfn, sp)
@@ -469,6 +475,7 @@ class ShadowMMU:
         del self.pages[(sp.gfn, sp.role)]
         del self.by_frame[sp.frame]
         self.unsync_frame[sp.frame] = False
+        self.direct_frame[sp.frame] = False
         self.pool.put(sp.frame)
         self.zaps += 1
         if sp is self.last_root:

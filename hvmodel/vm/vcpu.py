@@ -23,9 +23,10 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_IN
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 
-from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, paging_ctl, walk
+from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_LARGE, paging_ctl, walk
 from .cpustate import CpuStateEditor, verify_offsets
 from .exits import GP, PF, UD, ExitReason, VmExit
+from .intercept import InvlpgIntercept
 
 if TYPE_CHECKING:
     from ..devices.bus import IOBus
@@ -117,6 +118,9 @@ class VCpu:
         self.exits: dict[str, int] = {}
         # Per-frame "code was fetched from here" flags of the machine pool, if any.
         self.fetched = None
+        # A 4 KiB piece of a guest large page was handed to Unicorn since the last flush.
+        self.large_in_tlb = False
+        self.invlpg = InvlpgIntercept(self)
         # OUT to these ports ends the slice (the VM sets the timer/PIC ports).
         self.kick_ports: frozenset[int] = frozenset()
         self._stop_counter = -1
@@ -154,8 +158,12 @@ class VCpu:
             e = entry[0]
             e.paddr = r & ADDR_MASK
             e.perms = r & 7
-            if acc == ACC_FETCH and self.fetched is not None:
-                self.fetched[r >> 12] = True
+            if r & WALK_LARGE:
+                self.large_in_tlb = True
+            if acc == ACC_FETCH:
+                if self.fetched is not None:
+                    self.fetched[r >> 12] = True
+                self.invlpg.scan(vaddr, r & ADDR_MASK)
             if self.mmu.flush_pending:
                 self.flush_tlb()
             return True
@@ -293,6 +301,7 @@ class VCpu:
         """Drop every entry of Unicorn's TLB (safe inside the fill hook)."""
         uclib.uc_ctl(self.h, _CTL_TLB_FLUSH)
         self.tlb_flushes += 1
+        self.large_in_tlb = False
         self.mmu.flush_pending = False
 
     # -- registers ------------------------------------------------------------------------

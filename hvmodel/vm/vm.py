@@ -155,6 +155,7 @@ class VM:
     def _drop_code(self, frame: int) -> None:
         # A frame that held translated code is being reused: its TBs are stale.
         self.vcpu.uc.ctl_flush_tb()
+        self.vcpu.invlpg.forget()
 
     # -- time ------------------------------------------------------------------------
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import random
 
-import capstone
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from unicorn import UC_HOOK_CODE
 
 from hvmodel.check import fuzz as F
 from hvmodel.check.fuzz import (Access, Map, Program, Protect, SetCtl, fuzz, format_result,
@@ -18,54 +16,23 @@ from hvmodel.mmu.walk import PTE_A, PTE_RW, PTE_US
 
 
 # --------------------------------------------------------------------------------------
-# KNOWN VMM BUG (found by this fuzzer): under the nested MMU, INVLPG of an address in a
-# 2 MiB / 1 GiB page flushes only the one 4 KiB Unicorn TLB entry of that address. The
-# fill hook hands Unicorn 4 KiB entries (uc_tlb_entry has no size), so Unicorn's
-# large-page tracking never sees the large page; other 4 KiB pieces of it keep their
-# stale translation. The SDM (4.10.4.1, INVLPG) invalidates every TLB entry of the large
-# page; the reference (QEMU's walker, which registers the large page) does so.
-# Minimal reproducer: KNOWN_INVLPG_BUG below (a leaf's A bit is not set again).
-# Until it is fixed, the property test accepts a disagreement only if it disappears
-# when every INVLPG flushes the whole TLB (i.e. it is this bug and nothing else).
+# Regression found by this fuzzer (seed 1, program 56): INVLPG of an address inside a
+# 2 MiB / 1 GiB page must invalidate every TLB entry of that page (SDM 4.10.4.1). The
+# fill hook can only give Unicorn 4 KiB entries, so the VMM intercepts INVLPG and
+# flushes when a piece of a large page may be cached (hvmodel/vm/intercept.py).
 
-KNOWN_INVLPG_BUG = Program(ops=(
+INVLPG_LARGE_PAGE = Program(ops=(
     Map(space=0, va=0xFFFFFFFFC0000000, level=2, pa=0x400000, flags=PTE_RW | PTE_A,
         tflags=PTE_RW | PTE_US),
-    Access(va=0xFFFFFFFFC0001E30, kind="write", value=0xFE79106A1E74C915),   # fills 4 KiB piece 1
+    Access(va=0xFFFFFFFFC0001E30, kind="write", value=0xFE79106A1E74C915),   # caches 4 KiB piece 1
     Protect(space=0, va=0xFFFFFFFFC0000000, level=2, flags=PTE_RW | PTE_US),  # A cleared, invlpg base
-    Access(va=0xFFFFFFFFC0001F40, kind="read"),   # must walk again and set A; nested hits its TLB
-), name="known-invlpg-large-page")
+    Access(va=0xFFFFFFFFC0001F40, kind="read"),   # must walk again and set A
+), name="invlpg-large-page")
 
 
-def _invlpg_flushes_everything(vm) -> None:
-    """Test-only stand-in for the fix: the nested vCPU flushes its whole TLB before each INVLPG."""
-    if vm.config.mmu == "native":
-        return
-    code = vm.ram.read_gpa(0x100000, 0x10000)
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    for insn in md.disasm(code, 0x100000):
-        if insn.mnemonic == "invlpg":
-            vm.vcpu.uc.hook_add(UC_HOOK_CODE, lambda uc, a, s, ud: vm.vcpu.flush_tlb(), None,
-                                insn.address, insn.address)
-
-
-def _both(*confs):
-    def conf(vm):
-        for c in confs:
-            c(vm)
-    return conf
-
-
-@pytest.mark.xfail(strict=True, reason="known VMM bug: nested INVLPG of a large page flushes one 4 KiB "
-                                       "TLB entry (remove the tolerance in test_generated_programs_agree "
-                                       "when this passes)")
-def test_known_bug_invlpg_of_a_large_page():
-    out = run_program(KNOWN_INVLPG_BUG, ["nested"])
-    assert out.ok, out.report
-
-
-def test_known_bug_is_only_the_invlpg_flush():
-    out = run_program(KNOWN_INVLPG_BUG, ["nested"], configure=_invlpg_flushes_everything)
+@pytest.mark.parametrize("mode", ["nested", "shadow"])
+def test_invlpg_of_a_large_page_invalidates_all_of_it(mode):
+    out = run_program(INVLPG_LARGE_PAGE, [mode])
     assert out.ok, out.report
 
 
@@ -76,12 +43,7 @@ def test_known_bug_is_only_the_invlpg_flush():
 @given(seed=st.integers(0, 2**32 - 1), index=st.integers(0, 10_000))
 def test_generated_programs_agree_with_the_reference(seed, index):
     program = program_for_seed(seed, index)
-    out = run_program(program, ["nested"])
-    if not out.ok and out.kind == "mismatch":
-        # tolerated only as the known INVLPG bug (see above)
-        again = run_program(program, ["nested"], configure=_invlpg_flushes_everything)
-        assert again.ok, f"{program.describe()}\n{again.report}"
-        return
+    out = run_program(program, ["nested", "shadow"])
     assert out.ok, f"{out.kind}: {program.describe()}\n{out.report}"
 
 
@@ -117,7 +79,7 @@ def _ignore_us_bit(vm):
 
 
 def test_fuzz_finds_and_shrinks_a_broken_mmu():
-    res = fuzz(3, 10, ["nested"], configure=_both(_ignore_us_bit, _invlpg_flushes_everything))
+    res = fuzz(3, 10, ["nested"], configure=_ignore_us_bit)
     assert not res.ok and res.failures == 1
     f = res.first_failure
     assert f.kind == "mismatch"
@@ -135,7 +97,7 @@ def test_fuzz_finds_and_shrinks_a_broken_mmu():
 
 
 def test_fuzz_passes_and_counts():
-    res = fuzz(3, 2, ["nested"], start=0, configure=_invlpg_flushes_everything)
+    res = fuzz(3, 2, ["nested", "shadow"], start=0)
     assert res.ok and res.programs_run == 2 and res.failures == 0
     assert res.summary().startswith("2 programs, 0 mismatches")
 
