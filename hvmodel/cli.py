@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from .check.lockstep import DEFAULT_EVERY, check
+from .cost import explain, modeled_cycles
 from .guest.image import GuestBuildError, load_guest
 from .host import DEFAULT_HOST_MEM, Host, HostConfig
 from .vm.vm import DEFAULT_MAX_INSNS, DEFAULT_MEM, MIB, MMU_MODES, VMConfig, VMError, VMResult
@@ -97,6 +98,15 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
                      help="stop the guest after this many instructions")
 
+    cmp = sub.add_parser("compare", help="run a guest under nested and shadow paging and compare "
+                                         "their modeled cost")
+    cmp.add_argument("guest", help="guest image (.asm or flat binary)")
+    cmp.add_argument("--mem", type=parse_size, default=DEFAULT_MEM, help="guest memory")
+    cmp.add_argument("--host-mem", type=parse_size, default=DEFAULT_HOST_MEM, help="host memory")
+    cmp.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
+                     help="stop the guest after this many instructions")
+    cmp.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
     fz = sub.add_parser("fuzz", help="generate page-table programs and check every MMU mode on them")
     fz.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
     fz.add_argument("--count", type=_positive_int, default=100, help="programs to run (default 100)")
@@ -163,7 +173,7 @@ def _exit_status(result: VMResult) -> int:
     return EXIT_GUEST_DIED
 
 
-def _print_stats(result: VMResult, file=sys.stdout) -> None:
+def _print_stats(result: VMResult, mode: str, file=sys.stdout) -> None:
     print(f"--- {result.name}: {result.stop_reason}, exit status {result.exit_status}", file=file)
     for k, v in result.counters.items():
         if isinstance(v, dict):
@@ -171,6 +181,11 @@ def _print_stats(result: VMResult, file=sys.stdout) -> None:
         elif isinstance(v, int):
             v = f"{v:,}"
         print(f"  {k:<22} {v}", file=file)
+    cost = modeled_cycles(mode, result.counters)
+    print(f"--- modeled cycles ({mode}; costs in hvmodel/cost.py): {cost.total:,}", file=file)
+    for k, v in cost.items.items():
+        if v:
+            print(f"  {k:<22} {v:>16,}  {100 * v / max(1, cost.total):5.1f} %", file=file)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -180,14 +195,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "vms": [{"name": result.name, "exit_status": result.exit_status,
                      "stop_reason": result.stop_reason, "message": result.message,
-                     "console": result.console, "counters": result.counters}],
+                     "console": result.console, "counters": result.counters,
+                     "modeled_cycles": modeled_cycles(args.mmu, result.counters).items}],
             "host": host.counters(),
         }, indent=2))
     else:
         if result.console and not result.console.endswith("\n") and echo:
             print()
         if args.stats:
-            _print_stats(result)
+            _print_stats(result, args.mmu)
     status = _exit_status(result)
     if result.exit_status is None:
         print(f"hvmodel: {result.name}: {result.message}", file=sys.stderr)
@@ -239,6 +255,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    costs = {}
+    results = {}
+    for mode in VMM_MODES:
+        args.mmu = mode
+        _, r = _run_one(Path(args.guest), args, echo=False)
+        if r.exit_status != 0:
+            print(f"hvmodel: {r.name} under {mode}: {r.stop_reason}: {r.message}", file=sys.stderr)
+            return _exit_status(r)
+        results[mode] = r
+        costs[mode] = modeled_cycles(mode, r.counters)
+    a, b = costs["nested"], costs["shadow"]
+    if args.json:
+        print(json.dumps({m: {"total": c.total, "overhead": c.overhead, "items": c.items,
+                              "counters": results[m].counters} for m, c in costs.items()}, indent=2))
+        return 0
+    print(f"{Path(args.guest).name}: {results['nested'].counters['instructions']:,} guest instructions")
+    keys = list(dict.fromkeys([*a.items, *b.items]))
+    print(f"  {'modeled cycles':<22} {'nested':>16} {'shadow':>16}")
+    for k in keys:
+        print(f"  {k:<22} {a.items.get(k, 0):>16,} {b.items.get(k, 0):>16,}")
+    print(f"  {'total':<22} {a.total:>16,} {b.total:>16,}")
+    print(explain(a, b))
+    return 0
+
+
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from .check.fuzz import format_result, fuzz
     res = fuzz(args.seed, args.count, args.mmu, start=args.start, shrink_failures=not args.no_shrink)
@@ -259,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.cmd == "fuzz":
             return cmd_fuzz(args)
+        if args.cmd == "compare":
+            return cmd_compare(args)
     except CliError as e:
         print(f"hvmodel: {e}", file=sys.stderr)
         return e.status
