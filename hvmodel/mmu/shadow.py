@@ -34,12 +34,13 @@ the long form):
   right after the instruction does not work on Unicorn 2.1.4: ``emu_stop`` from a
   fill hook lets the store happen but leaves RIP on the instruction, which would
   run twice — see docs/ARCHITECTURE.md.)
-* **Out of sync**: a leaf table written ``FLOOD_THRESHOLD`` times becomes out of
-  sync: write protection is dropped, the snapshot kept, and no fill trusts its
-  shadow entries (they miss and walk the guest) until it is resynced — on a root
-  switch, or when more than ``max_oos`` pages are out of sync — by diffing it
-  against the snapshot and zapping what changed. Non-leaf tables that flood are
-  unshadowed (zapped), as KVM does.
+* **Out of sync**: a leaf table written ``OOS_AFTER_WRITES`` times becomes out of
+  sync (Xen's OOS, KVM's unsync): write protection is dropped, the snapshot kept,
+  and no fill trusts its shadow entries (they miss and walk the guest) until it is
+  resynced — on a root switch (KVM syncs on a CR3 load), or when more than
+  ``max_oos`` pages are out of sync — by diffing it against the snapshot and
+  zapping what changed. A non-leaf table written ``FLOOD_THRESHOLD`` times with no
+  fault using it in between is unshadowed (zapped): KVM's write-flooding rule.
 * **Roots** are cached per guest CR3; the guest's ``mov cr3`` is not seen, so a
   switch is noticed at the first fill under the new CR3.
 * **Coherence with the p2m**: a p2m change zaps the leaf entries that map the gfn,
@@ -59,7 +60,8 @@ from .p2m import P2M
 from .walk import (ACC_WRITE, ADDR_MASK, CTL_PG, PERM_RWX, PERM_W, PTE_A, PTE_D, PTE_NX, PTE_P,
                    PTE_RW, PTE_US, WALK_LARGE, walk)
 
-FLOOD_THRESHOLD = 3
+FLOOD_THRESHOLD = 3        # traced writes to a non-leaf table, with no fault using it, before unshadowing
+OOS_AFTER_WRITES = 2       # traced writes to a leaf table before it goes out of sync
 DEFAULT_MAX_OOS = 8
 _COPY_BITS = PTE_P | PTE_RW | PTE_US | PTE_NX
 _ROLE_DIRECT = 1 << 3
@@ -154,7 +156,8 @@ class ShadowMMU:
         self.shadowed: dict[int, list[ShadowPage]] = {}     # guest table gfn -> its shadow pages
         self.snapshots: dict[int, np.ndarray] = {}           # guest table gfn -> 512 entries
         self.rmap: dict[int, set] = {}                       # data gfn -> {(ShadowPage, index)}
-        self.flood: dict[int, int] = {}
+        self.flood: dict[int, int] = {}      # non-leaf table gfn -> traced writes since a fault used it
+        self.leaf_writes: dict[int, int] = {}  # leaf table gfn -> traced writes since it was synced
         self.oos: list[int] = []                             # out-of-sync gfns, oldest first
         self.oos_set: set[int] = set()
         self.table_frame: dict[int, int] = {}                # guest table gfn -> write-protected frame
@@ -375,12 +378,19 @@ class ShadowMMU:
         """
         traces, self.pending_traces = self.pending_traces, []
         for gfn in dict.fromkeys(traces):
-            if gfn not in self.shadowed:
+            sps = self.shadowed.get(gfn)
+            if not sps:
                 continue
             self._diff_and_zap(gfn)
-            self.flood[gfn] = self.flood.get(gfn, 0) + 1
-            if self.flood[gfn] >= FLOOD_THRESHOLD:
-                self._flooded(gfn)
+            if all(sp.level == 1 for sp in sps):
+                self.leaf_writes[gfn] = n = self.leaf_writes.get(gfn, 0) + 1
+                if n >= OOS_AFTER_WRITES:
+                    self._unsync(gfn)
+            else:
+                self.flood[gfn] = n = self.flood.get(gfn, 0) + 1
+                if n >= FLOOD_THRESHOLD:
+                    for sp in list(sps):
+                        self._zap_page(sp)
         if traces:
             self.flush_pending = True  # take back the write right lent for the trace
 
@@ -395,14 +405,6 @@ class ShadowMMU:
                 self._zap_entry(sp, int(idx))
         snap[:] = cur
 
-    def _flooded(self, gfn: int) -> None:
-        sps = self.shadowed.get(gfn, [])
-        if sps and all(sp.level == 1 for sp in sps):
-            self._unsync(gfn)
-        else:
-            for sp in list(sps):
-                self._zap_page(sp)
-
     def _is_oos(self, gfn: int) -> bool:
         return gfn in self.oos_set
 
@@ -415,7 +417,7 @@ class ShadowMMU:
         for sp in self.shadowed.get(gfn, ()):
             self.unsync_frame[sp.frame] = True
         self.nowrite[self.table_frame[gfn]] = False
-        self.flood.pop(gfn, None)
+        self.leaf_writes.pop(gfn, None)
         while len(self.oos) > self.max_oos:
             self.resync(self.oos[0])
 
@@ -492,6 +494,7 @@ class ShadowMMU:
         self.shadowed.pop(gfn, None)
         self.snapshots.pop(gfn, None)
         self.flood.pop(gfn, None)
+        self.leaf_writes.pop(gfn, None)
         if self._is_oos(gfn):
             self.oos.remove(gfn)
             self.oos_set.discard(gfn)
