@@ -27,15 +27,20 @@ tracing_fault         3000  handler beyond the exit: decode and emulate the gues
                             write, update/zap the shadow entries it affects
 guest_fault_reflect   1000  shadow only: a guest #PF first exits to the VMM (which walks to
                             prove it is real), then is injected; nested delivers it in hardware
-root_switch            500  shadow only, beyond the exit: a guest CR3 load traps; find or build
-                            the shadow root, sync out-of-sync pages
+root_switch            300  shadow only, beyond the exit: a guest CR3 load traps; KVM finds the
+                            root among the current and KVM_MMU_NUM_PREV_ROOTS (3) previous ones
+root_reload           5000  shadow only, beyond the exit: a CR3 load to any other root unloads
+                            and reloads the MMU (KVM: free roots, allocate/find the new root in
+                            the hash, sync its out-of-sync children, request a TLB flush)
+invlpg                 500  shadow only, beyond the exit: a guest INVLPG traps (INVLPG exiting
+                            is on without EPT); the VMM syncs or zaps the shadow entry
 shadow_page_create    1500  allocate and zero a frame for a shadow page, hash it
 resync                2000  diff an out-of-sync table against its snapshot (512 entries)
 zap                     50  clear one shadow entry and its reverse-map link
 ==================  ======  ===============================================================
 
 The model charges nested mode its 2D walks (``walk_refs`` × walk_ref — up to 24
-references per TLB miss) and EPT violations (exits); shadow mode pays 4
+references per TLB miss, fewer when the nested TLB hits) and EPT violations (exits); shadow mode pays 4
 references per TLB miss when the shadow has the answer (the hardware walks
 shadow tables like native ones), and an exit for every hidden fault, tracing
 fault, guest page fault and CR3 switch. Those are the trade-offs the literature
@@ -61,7 +66,9 @@ class CostModel:
     hidden_fault: int = 2500
     tracing_fault: int = 3000
     guest_fault_reflect: int = 1000
-    root_switch: int = 500
+    root_switch: int = 300
+    root_reload: int = 5000
+    invlpg: int = 500
     shadow_page_create: int = 1500
     resync: int = 2000
     zap: int = 50
@@ -105,7 +112,10 @@ def modeled_cycles(mode: str, counters: dict, model: CostModel = CostModel()) ->
         items["hidden faults"] = c("hidden_faults") * (m.vmexit + m.hidden_fault)
         items["tracing faults"] = c("tracing_faults") * (m.vmexit + m.tracing_fault)
         items["guest #PF reflected"] = c("guest_page_faults") * (m.vmexit + m.guest_fault_reflect)
-        items["CR3 switches"] = c("root_switches") * (m.vmexit + m.root_switch)
+        reloads = c("root_reloads")
+        items["CR3 switches"] = (c("root_switches") - reloads) * (m.vmexit + m.root_switch)
+        items["CR3 reloads"] = reloads * (m.vmexit + m.root_reload)
+        items["INVLPG exits"] = c("invlpg_exits") * (m.vmexit + m.invlpg)
         items["shadow pages built"] = c("shadow_pages_created") * m.shadow_page_create
         items["resyncs"] = c("resyncs") * m.resync
         items["zaps"] = c("zaps") * m.zap

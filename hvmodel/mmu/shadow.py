@@ -42,7 +42,8 @@ the long form):
   zapping what changed. A non-leaf table written ``FLOOD_THRESHOLD`` times with no
   fault using it in between is unshadowed (zapped): KVM's write-flooding rule.
 * **Roots** are cached per guest CR3; the guest's ``mov cr3`` is not seen, so a
-  switch is noticed at the first fill under the new CR3.
+  switch is noticed at the first fill under the new CR3. As in KVM, a switch to one
+  of the 4 most recent roots is a fast switch; any other counts as a reload.
 * **Coherence with the p2m**: a p2m change zaps the leaf entries that map the gfn,
   found through the reverse map, and flushes the TLB.
 * **Budget**: at most ``max_pages`` shadow pages (KVM: 2 % of guest pages, at least
@@ -58,19 +59,23 @@ import numpy as np
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, MachinePool
 from .p2m import P2M
 from .walk import (ACC_WRITE, ADDR_MASK, CTL_PG, PERM_RWX, PERM_W, PTE_A, PTE_D, PTE_NX, PTE_P,
-                   PTE_RW, PTE_US, WALK_LARGE, walk)
+                   PTE_RW, PTE_US, WALK_1G, WALK_2M, WALK_LARGE, walk)
 
 FLOOD_THRESHOLD = 3        # traced writes to a non-leaf table, with no fault using it, before unshadowing
 OOS_AFTER_WRITES = 2       # traced writes to a leaf table before it goes out of sync
 DEFAULT_MAX_OOS = 8
+RECENT_ROOTS = 4           # the current root + KVM_MMU_NUM_PREV_ROOTS (3)
 _COPY_BITS = PTE_P | PTE_RW | PTE_US | PTE_NX
 _ROLE_DIRECT = 1 << 3
 _ROLE_DIRTY = 1 << 4
+_ROLE_1G = 1 << 5
 
 
-def role_of(level: int, direct: bool = False, dirty: bool = False) -> int:
-    """Pack a shadow page role: level, direct, dirty state of the large leaf."""
-    return level | (_ROLE_DIRECT if direct else 0) | (_ROLE_DIRTY if dirty else 0)
+def role_of(level: int, direct: bool = False, dirty: bool = False, huge: bool = False) -> int:
+    """Pack a shadow page role: level, direct, and for direct pages the dirty state and
+    size (2 MiB or 1 GiB) of the guest leaf they split."""
+    return level | (_ROLE_DIRECT if direct else 0) | (_ROLE_DIRTY if dirty else 0) | \
+        (_ROLE_1G if huge else 0)
 
 
 @dataclass(eq=False)
@@ -164,7 +169,8 @@ class ShadowMMU:
         self.nowrite = np.zeros(pool.nframes, dtype=np.bool_)
         self.nowrite[ZERO_FRAME] = True
         self.unsync_frame = np.zeros(pool.nframes, dtype=np.bool_)
-        self.direct_frame = np.zeros(pool.nframes, dtype=np.bool_)  # frames of direct shadow pages
+        # Frames of direct shadow pages: WALK_2M or WALK_1G, the size of the guest leaf.
+        self.direct_frame = np.zeros(pool.nframes, dtype=np.uint8)
         self.smem = _ShadowWalkMemory(self)
         self.gmem = _GuestTableMemory(self)
         self.last_cr3 = -1
@@ -184,6 +190,8 @@ class ShadowMMU:
         self.resyncs = 0
         self.zaps = 0
         self.root_switches = 0
+        self.root_reloads = 0
+        self.recent_roots: list[int] = []
         self.guest_walks = 0
         p2m.listeners.append(self.zap_gfn)
 
@@ -200,8 +208,8 @@ class ShadowMMU:
         smem.miss = False
         r = walk(smem, root.frame << PAGE_SHIFT, va, acc, user, ctl)
         if r >= 0 and not smem.miss:
-            if self.direct_frame[smem.last >> PAGE_SHIFT]:
-                r |= WALK_LARGE  # a piece of a guest large page (see vm/intercept.py)
+            # A piece of a guest large page (see vm/intercept.py): WALK_2M / WALK_1G.
+            r |= int(self.direct_frame[smem.last >> PAGE_SHIFT])
             frame = r >> PAGE_SHIFT
             if not self.nowrite[frame]:
                 self.hits += 1
@@ -255,7 +263,15 @@ class ShadowMMU:
     def _switch_root(self, cr3: int) -> ShadowPage:
         if self.last_cr3 != -1:
             self.root_switches += 1
+            # KVM switches fast to the current root or one of KVM_MMU_NUM_PREV_ROOTS (3)
+            # previous ones; any other CR3 unloads and reloads the MMU (a "reload").
+            if cr3 not in self.recent_roots:
+                self.root_reloads += 1
             self.resync_all()  # KVM syncs unsync pages on a CR3 load
+        if cr3 in self.recent_roots:
+            self.recent_roots.remove(cr3)
+        self.recent_roots.insert(0, cr3)
+        del self.recent_roots[RECENT_ROOTS:]
         gfn = (cr3 & ADDR_MASK) >> PAGE_SHIFT
         root = self._get_page(gfn, role_of(4), None)
         self.last_cr3 = cr3
@@ -281,8 +297,10 @@ class ShadowMMU:
             if is_leaf:
                 # A guest 2 MiB / 1 GiB leaf: shadow it with direct pages down to 4 KiB.
                 dirty = bool(write or e & PTE_D)
+                huge = level == 3
                 base = (e & ADDR_MASK) >> PAGE_SHIFT
-                child = self._link(sp, idx, e, base_gfn=base, level=level - 1, direct=True, dirty=dirty)
+                child = self._link(sp, idx, e, base_gfn=base, level=level - 1, direct=True, dirty=dirty,
+                                   huge=huge)
                 sp = child
                 for lvl in range(level - 1, 0, -1):
                     idx = (va >> (12 + 9 * (lvl - 1))) & 0x1FF
@@ -293,7 +311,7 @@ class ShadowMMU:
                     else:
                         sub = sp.gfn + (idx << (9 * (lvl - 1)))
                         sp = self._link(sp, idx, PTE_P | PTE_RW | PTE_US, base_gfn=sub, level=lvl - 1,
-                                        direct=True, dirty=dirty)
+                                        direct=True, dirty=dirty, huge=huge)
                 return
             next_gfn = (e & ADDR_MASK) >> PAGE_SHIFT
             sp = self._link(sp, idx, e, base_gfn=next_gfn, level=level - 1, direct=False, dirty=False)
@@ -304,9 +322,9 @@ class ShadowMMU:
         return frame if frame >= 0 else ZERO_FRAME
 
     def _link(self, sp: ShadowPage, idx: int, e: int, *, base_gfn: int, level: int, direct: bool,
-              dirty: bool) -> ShadowPage:
+              dirty: bool, huge: bool = False) -> ShadowPage:
         """Point ``sp[idx]`` at the shadow page for (base_gfn, role), creating it if needed."""
-        child = self._get_page(base_gfn, role_of(level, direct, dirty), sp)
+        child = self._get_page(base_gfn, role_of(level, direct, dirty, huge), sp)
         old = sp.children.get(idx)
         if old is not child:
             if old is not None:
@@ -328,7 +346,8 @@ class ShadowMMU:
         sp = ShadowPage(gfn, role, frame)
         self.pages[(gfn, role)] = sp
         self.by_frame[frame] = sp
-        self.direct_frame[frame] = bool(role & _ROLE_DIRECT)
+        if role & _ROLE_DIRECT:
+            self.direct_frame[frame] = WALK_1G if role & _ROLE_1G else WALK_2M
         self.shadow_pages_created += 1
         if not role & _ROLE_DIRECT:
             self._protect(gfn, sp)
@@ -477,7 +496,7 @@ class ShadowMMU:
         del self.pages[(sp.gfn, sp.role)]
         del self.by_frame[sp.frame]
         self.unsync_frame[sp.frame] = False
-        self.direct_frame[sp.frame] = False
+        self.direct_frame[sp.frame] = 0
         self.pool.put(sp.frame)
         self.zaps += 1
         if sp is self.last_root:
@@ -548,6 +567,7 @@ class ShadowMMU:
             "resyncs": self.resyncs,
             "zaps": self.zaps,
             "root_switches": self.root_switches,
+            "root_reloads": self.root_reloads,
             "guest_walks": self.guest_walks,
         }
 

@@ -26,8 +26,8 @@ the reference, a 2D walk through the nested tables, or the p2m. That indirection
 is what makes this one function serve every mode.
 
 The result is a single int so the fill path allocates no objects for it:
-``>= 0`` is ``gpa_of_4k_page | perms`` (plus WALK_LARGE when the leaf is a large
-page); ``< 0`` is ``~fault`` where ``fault`` holds the #PF error code bits, or
+``>= 0`` is ``gpa_of_4k_page | perms`` (plus WALK_2M / WALK_1G when the leaf is a
+large page); ``< 0`` is ``~fault`` where ``fault`` holds the #PF error code bits, or
 FAULT_GP for a non-canonical address.
 """
 
@@ -45,9 +45,11 @@ PERM_R = 1
 PERM_W = 2
 PERM_X = 4
 PERM_RWX = 7
-# Set in a successful result when the leaf was a 2 MiB or 1 GiB page: the fill path
+# Set in a successful result when the leaf was a 2 MiB / 1 GiB page: the fill path
 # must remember that Unicorn's 4 KiB TLB entry is a piece of a large page.
-WALK_LARGE = 8
+WALK_2M = 8
+WALK_1G = 16
+WALK_LARGE = WALK_2M | WALK_1G
 
 # #PF error code bits.
 PFEC_P = 1
@@ -198,7 +200,7 @@ def walk(mem: TableMemory, cr3: int, va: int, acc: int, user: bool, ctl: int,
 
     size_mask = (1 << (12 + 9 * (level - 1))) - 1
     gpa = ((e & ADDR_MASK) & ~size_mask) | (va & size_mask & ADDR_MASK)
-    return gpa | perms | (WALK_LARGE if level > 1 else 0)
+    return gpa | perms | (0 if level == 1 else WALK_2M if level == 2 else WALK_1G)
 
 
 def _pfec(bits: int, acc: int, user: bool, ctl: int) -> int:

@@ -11,9 +11,9 @@ How: when the vCPU first fetches from a guest-virtual code page, the page's
 bytes are scanned for ``0F 01 /7`` (INVLPG m); each candidate gets a Unicorn
 code hook on its address (up to 4 prefix bytes before it). The hook decodes the
 instruction (capstone, cached per address and bytes); for a real INVLPG it
-counts an exit and, if a piece of a large page may be in Unicorn's TLB (a fill
-since the last flush came from a large guest page), flushes the whole TLB before
-the instruction runs. Candidates that are not INVLPG (the
+counts an exit, computes the address it names, and flushes the whole TLB before
+the instruction runs if that address lies in a 2 MiB / 1 GiB region from which a
+4 KiB piece was handed to Unicorn since the last flush. Candidates that are not INVLPG (the
 pattern inside other instructions' bytes) only cost a hook call.
 
 Limits (documented, not silently wrong): an INVLPG that straddles two code pages
@@ -25,14 +25,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_64, CS_OP_MEM, Cs
 from capstone import x86_const as CX
 from unicorn import UC_HOOK_CODE
+from unicorn import x86_const as X
 
 if TYPE_CHECKING:
     from .vcpu import VCpu
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_64)
+_cs.detail = True
+
+# capstone register id -> unicorn register id, for the registers an address can use
+_REGS = {getattr(CX, n): getattr(X, "UC_" + n) for n in dir(CX)
+         if n.startswith("X86_REG_") and hasattr(X, "UC_" + n)}
+_SEG_BASE = {CX.X86_REG_FS: X.UC_X86_REG_FS_BASE, CX.X86_REG_GS: X.UC_X86_REG_GS_BASE}
 
 
 class InvlpgIntercept:
@@ -42,7 +49,9 @@ class InvlpgIntercept:
         self.vcpu = vcpu
         self.scanned: set[tuple[int, int]] = set()   # (guest-virtual page, machine page)
         self.sites: set[int] = set()
-        self.decoded: dict[tuple[int, bytes], bool] = {}
+        # (address, bytes) -> the memory operand (base, index, scale, disp, segment), or
+        # None when the bytes are not an INVLPG after all
+        self.decoded: dict[tuple[int, bytes], tuple | None] = {}
         self.exits = 0
 
     def scan(self, va_page: int, mpa_page: int) -> None:
@@ -72,15 +81,37 @@ class InvlpgIntercept:
         except Exception:  # not readable: not ours to judge, the CPU will fault
             return
         key = (address, code)
-        is_invlpg = self.decoded.get(key)
-        if is_invlpg is None:
-            insn = next(_cs.disasm(code, address), None)
-            is_invlpg = insn is not None and insn.id == CX.X86_INS_INVLPG
-            self.decoded[key] = is_invlpg
-        if not is_invlpg:
+        if key in self.decoded:
+            operand = self.decoded[key]
+        else:
+            operand = self.decoded[key] = self._decode(code, address)
+        if operand is None:
             return
         self.exits += 1
-        # Which page it names does not matter: any piece of a large page may be
-        # the one that changed, and there is no per-page flush (ENGINE-NOTES 2.3).
-        if self.vcpu.large_in_tlb:
-            self.vcpu.flush_tlb()
+        v = self.vcpu
+        if not (v.large_2m or v.large_1g):
+            return
+        base, index, scale, disp, seg = operand
+        target = disp + (uc.reg_read(base) if base else 0) + (uc.reg_read(index) * scale if index else 0)
+        if seg:
+            target += uc.reg_read(seg)
+        target &= (1 << 64) - 1
+        # Unicorn drops only the 4 KiB entry of the target; the other pieces of a large
+        # page around it must go too, and there is no per-page flush (ENGINE-NOTES 2.3).
+        if target >> 21 in v.large_2m or target >> 30 in v.large_1g:
+            v.flush_tlb()
+
+    @staticmethod
+    def _decode(code: bytes, address: int) -> tuple | None:
+        insn = next(_cs.disasm(code, address), None)
+        if insn is None or insn.id != CX.X86_INS_INVLPG:
+            return None
+        for op in insn.operands:
+            if op.type == CS_OP_MEM:
+                m = op.mem
+                if m.base == CX.X86_REG_RIP:
+                    return (0, _REGS.get(m.index) if m.index else 0, m.scale, insn.address + insn.size + m.disp,
+                            _SEG_BASE.get(m.segment, 0))
+                return (_REGS.get(m.base, 0) if m.base else 0, _REGS.get(m.index, 0) if m.index else 0,
+                        m.scale, m.disp, _SEG_BASE.get(m.segment, 0))
+        return None

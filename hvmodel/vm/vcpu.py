@@ -23,7 +23,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_IN
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 
-from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_LARGE, paging_ctl, walk
+from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_1G, WALK_LARGE, paging_ctl, walk
 from .cpustate import CpuStateEditor, verify_offsets
 from .exits import GP, PF, UD, ExitReason, VmExit
 from .intercept import InvlpgIntercept
@@ -118,8 +118,9 @@ class VCpu:
         self.exits: dict[str, int] = {}
         # Per-frame "code was fetched from here" flags of the machine pool, if any.
         self.fetched = None
-        # A 4 KiB piece of a guest large page was handed to Unicorn since the last flush.
-        self.large_in_tlb = False
+        # Regions (va >> 21, va >> 30) of guest large pages with pieces in Unicorn's TLB.
+        self.large_2m: set[int] = set()
+        self.large_1g: set[int] = set()
         self.invlpg = InvlpgIntercept(self)
         # OUT to these ports ends the slice (the VM sets the timer/PIC ports).
         self.kick_ports: frozenset[int] = frozenset()
@@ -159,7 +160,12 @@ class VCpu:
             e.paddr = r & ADDR_MASK
             e.perms = r & 7
             if r & WALK_LARGE:
-                self.large_in_tlb = True
+                # A 4 KiB piece of a guest large page: remember its region, so a guest
+                # INVLPG anywhere in it can drop all of it (vm/intercept.py).
+                if r & WALK_1G:
+                    self.large_1g.add(vaddr >> 30)
+                else:
+                    self.large_2m.add(vaddr >> 21)
             if acc == ACC_FETCH:
                 if self.fetched is not None:
                     self.fetched[r >> 12] = True
@@ -301,7 +307,8 @@ class VCpu:
         """Drop every entry of Unicorn's TLB (safe inside the fill hook)."""
         uclib.uc_ctl(self.h, _CTL_TLB_FLUSH)
         self.tlb_flushes += 1
-        self.large_in_tlb = False
+        self.large_2m.clear()
+        self.large_1g.clear()
         self.mmu.flush_pending = False
 
     # -- registers ------------------------------------------------------------------------

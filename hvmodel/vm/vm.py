@@ -304,6 +304,7 @@ class VM:
         if self.p2m is not None:
             c["frames_allocated"] = self.p2m.first_touches
             c["guest_pages_backed"] = self.p2m.count(P2MState.PRIVATE)
+        c["invlpg_exits"] = v.invlpg.exits
         c.update(self.mmu.counters())
         c["io_unknown_reads"] = sum(self.io.unknown_reads.values())
         c["io_unknown_writes"] = sum(self.io.unknown_writes.values())

@@ -42,10 +42,33 @@ def test_2d_walk_of_4k_page_through_4k_nested_tables_makes_24_references(env):
     pool, p2m, mmu = env
     cr3 = four_level(pool, p2m, 0x7F_1234_5000, 0x10_0000)
     mmu.translate(cr3, 0x7F_1234_5000, ACC_READ, False, CTL_PG)  # warm: violations install leaves
+    mmu.ntlb_flush()                                               # ...but a cold nested TLB
     before = mmu.walk_refs
     r = mmu.translate(cr3, 0x7F_1234_5000, ACC_READ, False, CTL_PG)
     assert r >= 0
     assert mmu.walk_refs - before == 24
+
+
+def test_warm_nested_tlb_leaves_only_the_four_guest_references(env):
+    pool, p2m, mmu = env
+    cr3 = four_level(pool, p2m, 0x7F_1234_5000, 0x10_0000)
+    mmu.translate(cr3, 0x7F_1234_5000, ACC_READ, False, CTL_PG)
+    before, hits = mmu.walk_refs, mmu.ntlb_hits
+    mmu.translate(cr3, 0x7F_1234_5000, ACC_READ, False, CTL_PG)
+    assert mmu.walk_refs - before == 4
+    assert mmu.ntlb_hits - hits == 5   # four guest tables + the final page
+
+
+def test_nested_tlb_off_always_walks_24():
+    pool = MachinePool(8 << 20)
+    p2m = P2M(pool, 1024, owner=1)
+    mmu = NestedMMU(p2m, pool, ntlb_entries=0)
+    cr3 = four_level(pool, p2m, 0x7F_1234_5000, 0x10_0000)
+    mmu.translate(cr3, 0x7F_1234_5000, ACC_READ, False, CTL_PG)
+    for _ in range(2):
+        before = mmu.walk_refs
+        mmu.translate(cr3, 0x7F_1234_5000, ACC_READ, False, CTL_PG)
+        assert mmu.walk_refs - before == 24
 
 
 def test_2m_guest_page_makes_19_references_and_paging_off_makes_4(env):
@@ -54,9 +77,12 @@ def test_2m_guest_page_makes_19_references_and_paging_off_makes_4(env):
     gwrite(pool, p2m, 0x2000, 0x3000 | P | RW)
     gwrite(pool, p2m, 0x3000 + 8, 0x200000 | P | RW | PTE_PS)
     mmu.translate(0x1000, 0x201000, ACC_READ, False, CTL_PG)
+    mmu.ntlb_flush()
     before = mmu.walk_refs
     mmu.translate(0x1000, 0x201000, ACC_READ, False, CTL_PG)
     assert mmu.walk_refs - before == 3 * 5 + 4
+    mmu.translate(0, 0x5000, ACC_READ, False, 0)
+    mmu.ntlb_flush()
     before = mmu.walk_refs
     mmu.translate(0, 0x5000, ACC_READ, False, 0)
     assert mmu.walk_refs - before == 4

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hvmodel.mmu.walk import (
     ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, CR0_PG, CR0_WP, CR4_SMAP, CR4_SMEP, CTL_NXE, CTL_PG,
     CTL_SMAP, CTL_SMEP, CTL_WP, EFER_NXE, FAULT_GP, PERM_R, PERM_RWX, PERM_W, PERM_X, PFEC_I,
-    PFEC_P, PFEC_RSVD, PFEC_U, PFEC_W, RFLAGS_AC, WALK_LARGE, paging_ctl, walk,
+    PFEC_P, PFEC_RSVD, PFEC_U, PFEC_W, RFLAGS_AC, WALK_1G, WALK_2M, WALK_LARGE, paging_ctl, walk,
 )
 
 P, RW, US, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
@@ -145,7 +145,7 @@ def test_2m_leaf_gpa_for_offsets_inside(off):
     mem = tables(va, leaf=2)
     r = ok(walk(mem, CR3, va, ACC_READ, False, BASE_CTL))
     assert r & ~0xFFF == FRAME_2M + (off & ~0xFFF)
-    assert r & WALK_LARGE
+    assert r & WALK_LARGE == WALK_2M
 
 
 @pytest.mark.parametrize("off", [0, 0x1000, 0x20_1234, 0x1234_5678, 0x3FFF_F000, 0x3FFF_FFFF])
@@ -154,7 +154,7 @@ def test_1g_leaf_gpa_for_offsets_inside(off):
     mem = tables(va, leaf=3)
     r = ok(walk(mem, CR3, va, ACC_READ, False, BASE_CTL))
     assert r & ~0xFFF == FRAME_1G + (off & ~0xFFF)
-    assert r & WALK_LARGE
+    assert r & WALK_LARGE == WALK_1G
 
 
 def test_pat_bit_12_of_a_2m_leaf_is_not_reserved_nor_address():
@@ -419,7 +419,7 @@ def test_property_success_grants_the_requested_access(s):
     r = walk(Memory(e), CR3, va, acc, user, ctl)
     if r >= 0:
         assert r & (1 << acc)
-        assert r & 0xFF0 == 0        # page-aligned GPA | rights | WALK_LARGE
+        assert r & 0xFE0 == 0        # page-aligned GPA | rights | WALK_2M/1G
     else:
         fault = ~r
         assert fault & ~(PFEC_P | PFEC_W | PFEC_U | PFEC_RSVD | PFEC_I) == 0
