@@ -18,30 +18,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from .check.lockstep import DEFAULT_EVERY, check
 from .cost import explain, modeled_cycles
 from .guest.image import GuestBuildError, load_guest
+from . import scenario, stats
 from .host import DEFAULT_HOST_MEM, Host, HostConfig
+from .scenario import size_bytes
 from .vm.vm import DEFAULT_MAX_INSNS, DEFAULT_MEM, MIB, MMU_MODES, VMConfig, VMError, VMResult
 
 EXIT_USAGE = 2
 EXIT_GUEST_DIED = 3
 EXIT_HOST_FAILED = 4
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def parse_size(text: str) -> int:
     """``64M``, ``64MiB``, ``1g``, ``4096`` → bytes (binary units)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 1G, 4096)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    try:
+        return size_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -72,9 +69,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "A model of a bare-metal hypervisor's memory virtualization running real x86-64 guests."))
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    run = sub.add_parser("run", help="run a guest (.asm source or flat binary)")
-    run.add_argument("guest", help="guest image: .asm source (assembled on the fly) or flat binary")
+    run = sub.add_parser("run", help="run a guest (.asm source or flat binary) or a scenario (.toml)")
+    run.add_argument("guest", help="guest image: .asm source (assembled on the fly) or flat binary; "
+                                   "or a scenario file (.toml) describing a host and its VMs")
     _add_vm_options(run)
+    run.add_argument("--vms", type=_positive_int, default=1, help="run N copies of the guest on one host")
+    run.add_argument("--salt", help="give every VM this page-sharing salt (Mem.ShareForceSalting 1): "
+                                    "pages are shared across the VMs")
+    run.add_argument("--share-scan-time", type=float, default=None, metavar="MIN",
+                     help="Mem.ShareScanTime: guest minutes to scan a whole VM (default 60)")
+    run.add_argument("--share-rate-max", type=_positive_int, default=None, metavar="PAGES",
+                     help="Mem.ShareRateMax: pages per guest second per VM (default 1024)")
+    run.add_argument("--top", action="store_true", help="show the esxtop memory view live while running")
     run.add_argument("--stats", action="store_true", help="print the VM's counters at the end")
     run.add_argument("--json", action="store_true", help="print one JSON object with results and counters")
     run.add_argument("--quiet", action="store_true", help="do not echo the guest console")
@@ -140,13 +146,50 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
                         "Unicorn's own MMU, no VMM)")
     p.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
                    help=f"stop the guest after this many instructions (default {DEFAULT_MAX_INSNS:,})")
+    p.add_argument("--swap-dir", help="where VM swap files (.vswp) go (default: a temporary folder)")
+    p.add_argument("--no-swap", action="store_true",
+                   help="give VMs no swap file: a VM must then fit in free host memory")
+    p.add_argument("--swap-policy", choices=("random", "clock"), default=None,
+                   help="hypervisor swap victims: random (ESXi) or clock over accessed bits")
 
 
-def _run_one(guest: Path, args: argparse.Namespace, echo: bool) -> tuple[Host, VMResult]:
-    try:
-        image = load_guest(guest)
-    except GuestBuildError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
+def _host_config(args: argparse.Namespace, base: HostConfig | None = None) -> HostConfig:
+    """The host configuration from a scenario (``base``) and command-line overrides."""
+    cfg = base or HostConfig(memsize=getattr(args, "host_mem", DEFAULT_HOST_MEM))
+    if base is not None and getattr(args, "host_mem_given", False):
+        cfg.memsize = args.host_mem
+    if getattr(args, "swap_dir", None):
+        cfg.swap_dir = Path(args.swap_dir)
+    if getattr(args, "no_swap", False):
+        cfg.swap = False
+    if getattr(args, "swap_policy", None):
+        cfg.swap_policy = args.swap_policy
+    if getattr(args, "share_scan_time", None) is not None:
+        cfg.sharing.scan_time_min = args.share_scan_time
+    if getattr(args, "share_rate_max", None) is not None:
+        cfg.sharing.rate_max = args.share_rate_max
+    if getattr(args, "salt", None) is not None:
+        cfg.sharing.force_salting = 1
+    return cfg
+
+
+def _build_host(args: argparse.Namespace, echo: bool) -> Host:
+    """Power on the VMs of a scenario file, or ``--vms`` copies of one guest."""
+    target = Path(args.guest)
+    if target.suffix == ".toml":
+        try:
+            base, specs = scenario.load(target)
+        except scenario.ScenarioError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+        cfg = _host_config(args, base)
+    else:
+        cfg = _host_config(args)
+        specs = [scenario.VMSpec(VMConfig(name=target.stem if getattr(args, "vms", 1) == 1
+                                          else f"{target.stem}-{i + 1}",
+                                          memsize=args.mem, mmu=args.mmu,
+                                          pshare_salt=getattr(args, "salt", None)), target)
+                 for i in range(getattr(args, "vms", 1))]
+    images: dict[Path, object] = {}
     out = sys.stdout.buffer
 
     def echo_fn(data: bytes) -> None:
@@ -154,15 +197,36 @@ def _run_one(guest: Path, args: argparse.Namespace, echo: bool) -> tuple[Host, V
         out.flush()
 
     try:
-        host = Host(HostConfig(memsize=args.host_mem))
-        vm = host.power_on(VMConfig(name=guest.stem, memsize=args.mem, mmu=args.mmu,
-                                    echo=echo_fn if echo else None), image)
+        host = Host(cfg)
     except VMError as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    result = vm.run(args.max_insns)
+    try:
+        for i, spec in enumerate(specs):
+            if spec.guest not in images:
+                try:
+                    images[spec.guest] = load_guest(spec.guest)
+                except GuestBuildError as e:
+                    raise CliError(str(e), EXIT_USAGE) from None
+            if len(specs) > 1:
+                spec.config.guest_arg = i + 1
+            elif echo:
+                spec.config.echo = echo_fn
+            host.power_on(spec.config, images[spec.guest])
+    except VMError as e:
+        host.close()
+        raise CliError(str(e), EXIT_USAGE) from None
+    return host
+
+
+def _run_one(guest: Path, args: argparse.Namespace, echo: bool) -> tuple[Host, VMResult]:
+    """One guest on its own host (demo, compare)."""
+    args.guest = str(guest)
+    host = _build_host(args, echo)
+    results = host.run(args.max_insns)
+    vm = host.vms[0]
     if vm.triple_fault_report:
-        result.message = vm.triple_fault_report
-    return host, result
+        results[0].message = vm.triple_fault_report
+    return host, results[0]
 
 
 def _exit_status(result: VMResult) -> int:
@@ -189,25 +253,43 @@ def _print_stats(result: VMResult, mode: str, file=sys.stdout) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    echo = not (args.json or args.quiet)
-    host, result = _run_one(Path(args.guest), args, echo)
-    if args.json:
-        print(json.dumps({
-            "vms": [{"name": result.name, "exit_status": result.exit_status,
-                     "stop_reason": result.stop_reason, "message": result.message,
-                     "console": result.console, "counters": result.counters,
-                     "modeled_cycles": modeled_cycles(args.mmu, result.counters).items}],
-            "host": host.counters(),
-        }, indent=2))
-    else:
-        if result.console and not result.console.endswith("\n") and echo:
-            print()
-        if args.stats:
-            _print_stats(result, args.mmu)
-    status = _exit_status(result)
-    if result.exit_status is None:
-        print(f"hvmodel: {result.name}: {result.message}", file=sys.stderr)
-    return status
+    echo = not (args.json or args.quiet or args.top)
+    host = _build_host(args, echo)
+    try:
+        if args.top:
+            from rich.live import Live
+            with Live(stats.rich_table(host), refresh_per_second=4, transient=False) as live:
+                results = host.run(args.max_insns, on_round=lambda h: live.update(stats.rich_table(h)))
+        else:
+            results = host.run(args.max_insns)
+        for vm, r in zip(host.vms, results):
+            if vm.triple_fault_report:
+                r.message = vm.triple_fault_report
+        if args.json:
+            print(json.dumps({
+                "vms": [{"name": r.name, "exit_status": r.exit_status, "stop_reason": r.stop_reason,
+                         "message": r.message, "console": r.console, "counters": r.counters,
+                         "modeled_cycles": modeled_cycles(vm.config.mmu, r.counters).items}
+                        for vm, r in zip(host.vms, results)],
+                "host": host.counters(),
+                "esxtop": stats.rows(host),
+            }, indent=2))
+        else:
+            if len(results) == 1 and results[0].console and not results[0].console.endswith("\n") and echo:
+                print()
+            if args.stats:
+                if len(results) == 1:
+                    _print_stats(results[0], host.vms[0].config.mmu)
+                print(stats.table(host))
+        status = 0
+        for r in results:
+            if r.exit_status is None:
+                print(f"hvmodel: {r.name}: {r.message}", file=sys.stderr)
+            if not status:
+                status = _exit_status(r)
+        return status
+    finally:
+        host.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,76 +1,214 @@
-"""The host: owns the machine pool and the VMs, admits them, and runs them.
+"""The host: owns the machine pool and the VMs, admits them, schedules them, manages memory.
 
 This is the top of the dependency chain below the CLI (cli → host → vm → mmu →
-p2m → machine). Scheduling several VMs round-robin and the memory policy between
-slices grow here (issue 5); today a host runs its VMs one after another.
+p2m → machine). The host runs its VMs' vCPUs round-robin in instruction slices
+(``quantum``) and between slices runs the memory policy:
+
+* **page sharing** at the configured rate (``Mem.ShareScanTime``,
+  ``Mem.ShareRateMax``), in guest time — 10 ns per instruction;
+* **reclamation** when free machine memory falls under the low watermark: sharing
+  is tried first (a full scan of the VM that holds the most memory), then
+  hypervisor swapping of that VM's pages;
+* **laundering** of frames that held translated code (machine/pool.py).
+
+An allocation that fails in the middle of a fill also reclaims (swapping), so an
+overcommitted host keeps running as long as the swap files have room.
+
+Admission (ESXi): a VM powers on only if its swap file — guest memory minus its
+reservation — can be created. Its memory may exceed what is free: that is
+overcommitment.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .guest.image import GuestImage
 from .machine.pool import PAGE_SIZE, MachinePool
+from .machine.swap import SwapDevice, SwapError
+from .memory.sharing import PageSharing, SharingConfig
+from .memory.swap import HypervisorSwap
+from .mmu.p2m import P2M, P2MState
 from .vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
 
 DEFAULT_HOST_MEM = 256 * MIB
-# Frames a VM needs beyond its own pages when fully backed: nested tables for its
-# memory (one 4 KiB table per 2 MiB, plus upper levels) — the VMM's overhead.
-_OVERHEAD_FRAMES = 8
+DEFAULT_QUANTUM = 200_000          # instructions per VM per round-robin turn
+NS_PER_INSN = 10                   # guest time (docs/GUEST-ABI.md)
 
 
 class AdmissionError(VMError):
-    """The host cannot power on a VM (not enough machine memory)."""
+    """The host cannot power on a VM."""
 
 
 @dataclass
 class HostConfig:
-    """Host-wide settings."""
+    """Host-wide settings (ESXi advanced-setting names in the scenario files)."""
 
     memsize: int = DEFAULT_HOST_MEM
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    swap_dir: Path | None = None     # where the .vswp files go (default: a temporary folder)
+    swap_policy: str = "random"      # ESXi picks victims at random; "clock" uses accessed bits
+    seed: int = 0                    # the seed of every random choice the host makes
+    quantum: int = DEFAULT_QUANTUM
+    swap: bool = True                # give VMs swap files (overcommitment)
 
 
-@dataclass
 class Host:
     """A machine pool and the VMs placed on it."""
 
-    config: HostConfig = field(default_factory=HostConfig)
-
-    def __post_init__(self) -> None:
+    def __init__(self, config: HostConfig | None = None) -> None:
+        self.config = config or HostConfig()
         try:
             self.pool = MachinePool(self.config.memsize)
         except ValueError as e:
             raise VMError(str(e)) from None
         self.vms: list[VM] = []
+        self.sharing = PageSharing(self.pool, self.config.sharing)
+        self.swapper = HypervisorSwap(self.config.swap_policy, self.config.seed)
+        self._own_swap_dir = self.config.swap_dir is None
+        self.swap_dir = Path(self.config.swap_dir) if self.config.swap_dir else None
+        # Reclaim when free frames fall under low; reclaim up to high.
+        self.low_water = max(32, self.pool.nframes // 50)
+        self.high_water = 2 * self.low_water
+        self.reclaims = 0
+        self.timeline: list[dict] = []
+
+    # -- admission --------------------------------------------------------------------
 
     def overhead_frames(self, memsize: int) -> int:
-        """Nested-table frames a fully touched VM of ``memsize`` bytes needs."""
+        """VMM frames a fully touched VM of ``memsize`` bytes needs (nested tables)."""
         pages = memsize // PAGE_SIZE
-        return (pages + 511) // 512 + _OVERHEAD_FRAMES
+        return (pages + 511) // 512 + 8
 
     def power_on(self, config: VMConfig, image: GuestImage) -> VM:
-        """Admit and create a VM. Without swap (yet) its memory must fit in the host."""
-        need = config.memsize // PAGE_SIZE + self.overhead_frames(config.memsize)
-        committed = sum(vm.config.memsize // PAGE_SIZE + self.overhead_frames(vm.config.memsize)
-                        for vm in self.vms)
-        usable = self.pool.nframes - 1  # the zero frame is never handed out
-        if committed + need > usable:
-            raise AdmissionError(
-                f"cannot power on {config.name}: it needs {need * PAGE_SIZE // MIB} MiB of machine memory "
-                f"(guest memory {config.memsize // MIB} MiB + overhead), the host has "
-                f"{(usable - committed) * PAGE_SIZE // MIB} MiB left of {self.config.memsize // MIB} MiB "
-                f"and no swap to overcommit with")
-        vm = VM(config, image, self.pool, vm_id=len(self.vms) + 1)
+        """Admit and create a VM; without swap its memory must fit in the host."""
+        name = config.name
+        if any(vm.config.name == name for vm in self.vms):
+            config.name = name = f"{name}-{len(self.vms) + 1}"
+        native = config.mmu == "native"
+        swap = None
+        if not native:
+            pages = config.memsize // PAGE_SIZE
+            if self.config.swap:
+                swap = self._swap_file(name, pages)
+            else:
+                committed = sum(vm.p2m.npages + self.overhead_frames(vm.config.memsize)
+                                for vm in self.vms if vm.p2m is not None)
+                need = pages + self.overhead_frames(config.memsize)
+                usable = self.pool.nframes - 1
+                if committed + need > usable:
+                    raise AdmissionError(
+                        f"cannot power on {name}: it needs {need * PAGE_SIZE // MIB} MiB of machine memory "
+                        f"(guest memory {config.memsize // MIB} MiB + overhead), the host has "
+                        f"{(usable - committed) * PAGE_SIZE // MIB} MiB left of "
+                        f"{self.config.memsize // MIB} MiB and no swap to overcommit with")
+        try:
+            vm = VM(config, image, self.pool, vm_id=len(self.vms) + 1, swap=swap, host=self)
+        except BaseException:
+            if swap is not None:
+                swap.close()
+            raise
         self.vms.append(vm)
         return vm
 
-    def run(self, max_insns: int = DEFAULT_MAX_INSNS) -> list[VMResult]:
-        """Run every VM to completion; results in power-on order."""
-        return [vm.run(max_insns) for vm in self.vms]
+    def _swap_file(self, name: str, pages: int) -> SwapDevice:
+        if self.swap_dir is None:
+            self.swap_dir = Path(tempfile.mkdtemp(prefix="hvmodel-swap-"))
+        try:
+            self.swap_dir.mkdir(parents=True, exist_ok=True)
+            return SwapDevice(self.swap_dir / f"{name}.vswp", pages)
+        except (SwapError, OSError) as e:
+            raise AdmissionError(f"cannot power on {name}: no swap file: {e}") from None
+
+    def attach(self, p2m: P2M) -> None:
+        """Wire a VM's p2m to the host's reclaim and sharing hooks (VM calls this)."""
+        p2m.reclaim = self._reclaim_now
+        p2m.unshared = self.sharing.unshared
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self, max_insns: int = DEFAULT_MAX_INSNS, on_round=None) -> list[VMResult]:
+        """Run every VM round-robin until all have stopped; results in power-on order.
+
+        ``on_round(host)``, if given, is called after every round (live displays).
+        """
+        quantum = self.config.quantum
+        while any(vm.running for vm in self.vms):
+            for vm in self.vms:
+                if not vm.running:
+                    continue
+                before = vm.vcpu.insns
+                target = before + quantum
+                while vm.running and vm.vcpu.insns < target:
+                    vm.step(max_insns, target - vm.vcpu.insns)
+                self.policy(vm, vm.vcpu.insns - before)
+            self._record()
+            if on_round is not None:
+                on_round(self)
+        results = [vm.result() for vm in self.vms]
+        return results
+
+    def policy(self, vm: VM, insns: int) -> None:
+        """Memory policy after one VM's slice of ``insns`` instructions."""
+        if vm.p2m is None:
+            return
+        seconds = insns * NS_PER_INSN * 1e-9
+        for v in self.vms:
+            if v.running and v.p2m is not None:
+                self.sharing.scan(v, self.sharing.pages_for(v, seconds / max(1, len(self.vms))))
+        if self.pool.free_frames < self.low_water:
+            self.reclaim(self.high_water - self.pool.free_frames)
+        self.pool.launder()
+
+    def reclaim(self, n: int) -> int:
+        """Free up to ``n`` frames: sharing first, then swapping (between slices)."""
+        freed = 0
+        for vm in self._by_consumption():
+            # Sharing first, but bounded: a few pages per page wanted, not a full scan
+            # every time memory is tight (that would hash the same pages over and over).
+            before = self.pool.free_frames
+            self.sharing.scan(vm, min(vm.p2m.npages, 4 * n))
+            freed += self.pool.free_frames - before
+            if freed >= n:
+                return freed
+        return freed + self._swap(n - freed)
+
+    def _reclaim_now(self, n: int, requester: P2M) -> int:
+        """An allocation failed inside a fill: swap something out right away."""
+        self.reclaims += 1
+        return self._swap(max(n, self.low_water))
+
+    def _swap(self, n: int) -> int:
+        done = 0
+        for vm in self._by_consumption():
+            if vm.p2m.swap is None:
+                continue
+            done += self.swapper.swap_out(vm, n - done)
+            if done >= n:
+                break
+        return done
+
+    def _by_consumption(self) -> list[VM]:
+        vms = [v for v in self.vms if v.p2m is not None and not v.stopped]
+        return sorted(vms, key=lambda v: -v.p2m.count(P2MState.PRIVATE))
+
+    # -- reports ----------------------------------------------------------------------------
+
+    def _record(self) -> None:
+        self.timeline.append({"free": self.pool.free_frames,
+                              "vms": {vm.config.name: vm.p2m.count(P2MState.PRIVATE)
+                                      for vm in self.vms if vm.p2m is not None}})
 
     def counters(self) -> dict[str, object]:
-        """Host-wide counters (PMEM in esxtop terms)."""
+        """Host-wide counters: PMEM, PSHARE (esxtop) and KSM's names."""
         p = self.pool
+        vms = [vm for vm in self.vms if vm.p2m is not None]
+        ksm = self.sharing.counters(vms)
+        shared = sum(vm.p2m.count(P2MState.SHARED) for vm in vms)
+        common = ksm["pages_shared"] + (1 if ksm["pages_zero"] else 0)
         return {
             "memsize": self.config.memsize,
             "frames": p.nframes,
@@ -78,4 +216,21 @@ class Host:
             "frames_free": p.free_frames,
             "frame_allocs": p.allocs,
             "frame_frees": p.frees,
+            "PSHARE": {"shared": shared, "common": common, "saving": shared - common},
+            **ksm,
+            "reclaims_in_fill": self.reclaims,
+            "launders": p.launders,
         }
+
+    def close(self) -> None:
+        """Power everything off: frames back to the pool, swap files deleted."""
+        for vm in self.vms:
+            vm.close()
+        if self._own_swap_dir and self.swap_dir is not None:
+            shutil.rmtree(self.swap_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -80,11 +80,25 @@ def test_triple_fault_report_names_rip_and_instruction(tmp_path):
     assert "RIP 0x100007" in proc.stderr and "ud2" in proc.stderr
 
 
-def test_mem_larger_than_host_is_refused(tmp_path):
-    proc = run_cli("run", str(GUESTS / "hello.asm"), "--mem", "512M", "--host-mem", "64M")
+def test_mem_larger_than_host_without_swap_is_refused(tmp_path):
+    proc = run_cli("run", str(GUESTS / "hello.asm"), "--mem", "512M", "--host-mem", "64M", "--no-swap")
     assert proc.returncode == 2
     assert_one_clear_line(proc)
-    assert "512 MiB" in proc.stderr or "needs" in proc.stderr
+    assert "512 MiB" in proc.stderr and "no swap" in proc.stderr
+
+
+def test_mem_larger_than_host_overcommits_with_a_swap_file(tmp_path):
+    proc = run_cli("run", str(GUESTS / "hello.asm"), "--mem", "512M", "--host-mem", "64M",
+                   "--swap-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_swap_file_that_does_not_fit_on_disk_is_refused(tmp_path):
+    proc = run_cli("run", str(GUESTS / "hello.asm"), "--mem", "64T", "--host-mem", "64M",
+                   "--swap-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert_one_clear_line(proc)
+    assert "swap file" in proc.stderr
 
 
 @pytest.mark.parametrize("args", [["run", "x.asm", "--mem", "lots"], ["run", "x.asm", "--mmu", "magic"],

@@ -64,41 +64,66 @@ class MachinePool:
         self.frees = 0
         # Frames some vCPU fetched instructions from. Unicorn keys translated code by
         # machine address and does not notice the VMM rewriting a frame (ENGINE-NOTES
-        # 3.3), so reusing such a frame must drop stale code in every vCPU: the
-        # callbacks in on_code_frame_reuse do that.
+        # 3.3), so such a frame, once freed, waits in quarantine until every vCPU has
+        # dropped its translated code (launder()). That cannot happen while a vCPU is
+        # running: flushing translated code from inside a fill hook silently corrupts
+        # execution on Unicorn 2.1.4 (measured), so alloc() never hands out a
+        # quarantined frame while ``running`` is set.
         self.fetched = np.zeros(self.nframes, dtype=np.bool_)
-        self.on_code_frame_reuse: list = []
+        self._quarantine: list[int] = []
+        self.on_launder: list = []   # callbacks that drop every vCPU's translated code
+        self.running = 0             # vCPUs inside emu_start
+        self.launders = 0
+        # Frames that must not be written through a guest mapping: shared
+        # (copy-on-write) frames and the zero frame. Kept here because sharing spans VMs.
+        self.cow = np.zeros(self.nframes, dtype=np.bool_)
+        self.cow[ZERO_FRAME] = True
 
     # -- allocation ---------------------------------------------------------------
 
     @property
     def free_frames(self) -> int:
-        """Frames currently free."""
-        return len(self._free)
+        """Frames currently free (quarantined ones included)."""
+        return len(self._free) + len(self._quarantine)
 
     @property
     def used_frames(self) -> int:
         """Frames in use, including the zero frame."""
-        return self.nframes - len(self._free)
+        return self.nframes - self.free_frames
 
     def alloc(self, owner: int) -> int:
         """Take a free frame for ``owner``, zeroed, with refcount 1.
 
-        Raises HostOutOfMemory when the pool is empty.
+        Raises HostOutOfMemory when no frame can be handed out now.
         """
         if not self._free:
-            raise HostOutOfMemory(f"machine pool exhausted ({self.nframes} frames of {PAGE_SIZE} bytes)")
+            if self._quarantine and not self.running:
+                self.launder()
+            else:
+                raise HostOutOfMemory(f"machine pool exhausted ({self.nframes} frames of {PAGE_SIZE} bytes"
+                                      f"{', the free ones still hold translated code' if self._quarantine else ''})")
         frame = self._free.pop()
         off = frame << PAGE_SHIFT
         self.buf[off:off + PAGE_SIZE] = _ZEROS
         self.refcount[frame] = 1
         self.owner[frame] = owner
         self.allocs += 1
-        if self.fetched[frame]:
-            self.fetched[frame] = False
-            for cb in self.on_code_frame_reuse:
-                cb(frame)
         return frame
+
+    def launder(self) -> None:
+        """Drop every vCPU's translated code and free the quarantined frames.
+
+        Call only while no vCPU runs (between slices).
+        """
+        if not self._quarantine:
+            return
+        for cb in self.on_launder:
+            cb()
+        q = self._quarantine
+        self.fetched[q] = False
+        self._free.extend(q)
+        self._quarantine = []
+        self.launders += 1
 
     def get(self, frame: int) -> None:
         """Add a reference to a live frame (sharing)."""
@@ -117,7 +142,8 @@ class MachinePool:
         self.refcount[frame] = rc
         if rc == 0:
             self.owner[frame] = OWNER_FREE
-            self._free.append(frame)
+            self.cow[frame] = False
+            (self._quarantine if self.fetched[frame] else self._free).append(frame)
             self.frees += 1
 
     # -- content ------------------------------------------------------------------

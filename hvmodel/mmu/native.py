@@ -64,6 +64,12 @@ class NativeMMU:
     def on_exit(self) -> None:
         pass
 
+    def overhead_frames(self) -> int:
+        return 0
+
+    def pinned(self, gfn: int) -> bool:
+        return False
+
     def peek_gpa(self, gpa: int) -> int:
         return gpa if gpa < self.ram.size else -1
 

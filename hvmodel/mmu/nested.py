@@ -174,6 +174,25 @@ class NestedMMU:
 
     # -- coherence with the p2m -------------------------------------------------------
 
+    def overhead_frames(self) -> int:
+        """Machine frames the VMM spends on this VM's nested tables."""
+        return len(self.table_frames)
+
+    def test_and_clear_accessed(self, gfn: int) -> bool:
+        """Was gfn accessed since the last call? (the EPT leaf's A bit, cleared here).
+
+        The translation is also dropped, so only a new access can set A again.
+        """
+        idx = self._leaf_index(gfn)
+        if idx < 0 or not self.q[idx] & EPT_A:
+            return False
+        self.zap(gfn)
+        return True
+
+    def pinned(self, gfn: int) -> bool:
+        """Nested paging pins no guest page."""
+        return False
+
     def ntlb_flush(self) -> None:
         """Empty the nested TLB (tests measure cold walks with it)."""
         self.ntlb_tag = [-1] * len(self.ntlb_tag)

@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..machine.pool import PAGE_SHIFT, ZERO_FRAME, HostOutOfMemory, MachinePool
+from ..machine.pool import PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, HostOutOfMemory, MachinePool
+from ..machine.swap import SwapDevice, SwapError
 
 
 class P2MState(IntEnum):
@@ -68,8 +69,20 @@ class P2M:
         self.generation = 0
         # Called as listener(gfn) after the gfn's frame or rights changed.
         self.listeners: list[Callable[[int], None]] = []
+        # The VM's swap file, when it has one (the host creates it at power-on).
+        self.swap: SwapDevice | None = None
+        # Host hooks: reclaim(n, p2m) frees up to n frames (returns how many) when an
+        # allocation fails; unshared(frame, p2m, gfn) tells page sharing that gfn no
+        # longer maps the shared frame.
+        self.reclaim: Callable[[int, "P2M"], int] | None = None
+        self.unshared: Callable[[int, "P2M", int], None] | None = None
+        # Recently resolved gfns: a reclaim in the middle of a fill must not take them.
+        self.recent: list[int] = []
         # esxtop-style counters this layer owns.
         self.first_touches = 0
+        self.cow_breaks = 0
+        self.swap_ins = 0
+        self.swap_outs = 0
 
     # -- queries --------------------------------------------------------------------
 
@@ -84,29 +97,131 @@ class P2M:
         """How many guest pages are in ``state``."""
         return int(np.count_nonzero(self.state == state))
 
+    def zero_pages(self) -> int:
+        """Guest pages shared with the host's zero frame."""
+        return int(np.count_nonzero((self.state == P2MState.SHARED) & (self.value == ZERO_FRAME)))
+
     # -- the resolver ------------------------------------------------------------------
 
     def resolve(self, gfn: int, write: bool) -> tuple[int, bool]:
         """Make ``gfn`` accessible for a read or a write: the EPT-violation path.
 
-        Returns ``(frame, writable)``. Raises GuestMemoryError when the page cannot
-        be provided (outside guest memory, host out of memory).
+        Returns ``(frame, writable)``: first touch allocates, a write to a shared
+        page breaks the sharing (copy-on-write), a swapped page is read back.
+        Raises GuestMemoryError when the page cannot be provided (outside guest
+        memory, host out of memory, a swap I/O error or a failed checksum).
         """
         if gfn >= self.npages:
             raise GuestMemoryError(gfn, f"outside guest memory ({self.npages} pages)")
         st = self.state[gfn]
         if st == P2MState.PRIVATE:
             return int(self.value[gfn]), True
+        recent = self.recent
+        recent.append(gfn)
+        if len(recent) > 8:
+            del recent[0]
         if st == P2MState.UNBACKED:
-            try:
-                frame = self.pool.alloc(self.owner)
-            except HostOutOfMemory as e:
-                raise GuestMemoryError(gfn, f"host out of memory: {e}", host_failure=True) from None
+            frame = self._alloc(gfn)
             self.value[gfn] = frame
             self.state[gfn] = P2MState.PRIVATE
             self.first_touches += 1
             return frame, True
+        if st == P2MState.SHARED:
+            frame = int(self.value[gfn])
+            if not write:
+                return frame, False
+            return self._break_cow(gfn, frame), True
+        if st == P2MState.SWAPPED:
+            return self._swap_in(gfn), True
         raise GuestMemoryError(gfn, f"state {P2MState(st).name} cannot be resolved yet")
+
+    def _alloc(self, gfn: int) -> int:
+        pool = self.pool
+        try:
+            return pool.alloc(self.owner)
+        except HostOutOfMemory as e:
+            if self.reclaim is not None and self.reclaim(1, self):
+                try:
+                    return pool.alloc(self.owner)
+                except HostOutOfMemory:
+                    pass
+            raise GuestMemoryError(gfn, f"host out of memory: {e}", host_failure=True) from None
+
+    def _break_cow(self, gfn: int, frame: int) -> int:
+        """A write to a shared page: give this gfn a private copy."""
+        pool = self.pool
+        self.cow_breaks += 1
+        if frame != ZERO_FRAME and pool.refcount[frame] == 1:
+            # The last sharer: no copy needed, the frame simply becomes private.
+            pool.cow[frame] = False
+            if self.unshared is not None:
+                self.unshared(frame, self, gfn)
+            new = frame
+        else:
+            new = self._alloc(gfn)
+            if frame != ZERO_FRAME:
+                src = frame << PAGE_SHIFT
+                dst = new << PAGE_SHIFT
+                pool.mv[dst:dst + PAGE_SIZE] = pool.mv[src:src + PAGE_SIZE]
+                pool.put(frame)
+                if self.unshared is not None:
+                    self.unshared(frame, self, gfn)
+        self.value[gfn] = new
+        self.state[gfn] = P2MState.PRIVATE
+        self.changed(gfn)
+        return new
+
+    def _swap_in(self, gfn: int) -> int:
+        slot = int(self.value[gfn])
+        frame = self._alloc(gfn)
+        try:
+            data = self.swap.read(slot)
+        except SwapError as e:
+            self.pool.put(frame)
+            raise GuestMemoryError(gfn, f"cannot swap in: {e}", host_failure=True) from None
+        off = frame << PAGE_SHIFT
+        self.pool.mv[off:off + PAGE_SIZE] = data
+        self.swap.free(slot)
+        self.value[gfn] = frame
+        self.state[gfn] = P2MState.PRIVATE
+        self.swap_ins += 1
+        return frame
+
+    # -- changes the host makes (sharing, swapping) -------------------------------------
+
+    def share(self, gfn: int, frame: int) -> None:
+        """Map ``gfn`` to the shared (copy-on-write) ``frame``, dropping its own frame."""
+        pool = self.pool
+        old = int(self.value[gfn])
+        if frame != ZERO_FRAME:
+            pool.get(frame)
+            pool.cow[frame] = True
+        self.value[gfn] = frame
+        self.state[gfn] = P2MState.SHARED
+        self.changed(gfn)
+        pool.put(old)
+
+    def share_in_place(self, gfn: int) -> None:
+        """``gfn``'s own frame becomes a shared, read-only frame (the first sharer)."""
+        self.pool.cow[int(self.value[gfn])] = True
+        self.state[gfn] = P2MState.SHARED
+        self.changed(gfn)
+
+    def swap_out(self, gfn: int) -> None:
+        """Write a private page to the swap file and free its frame."""
+        if self.state[gfn] != P2MState.PRIVATE:
+            raise ValueError(f"gfn {gfn:#x} is not private")
+        frame = int(self.value[gfn])
+        off = frame << PAGE_SHIFT
+        try:
+            slot = self.swap.write(self.pool.mv[off:off + PAGE_SIZE])
+        except SwapError as e:
+            raise GuestMemoryError(gfn, f"cannot swap out: {e}", host_failure=True) from None
+        self.value[gfn] = slot
+        self.state[gfn] = P2MState.SWAPPED
+        self.changed(gfn)
+        self.pool.put(frame)
+        self.swap_outs += 1
 
     # -- guest-physical access for the VMM (loading images, reports, the checker) ----
 
@@ -116,12 +231,16 @@ class P2M:
         pool = self.pool
         while size:
             n = min(size, (1 << PAGE_SHIFT) - (gpa & 0xFFF))
-            frame = self.frame_of(gpa >> PAGE_SHIFT)
-            if frame < 0:
-                out += bytes(n)
-            else:
+            gfn = gpa >> PAGE_SHIFT
+            frame = self.frame_of(gfn)
+            if frame >= 0:
                 off = (frame << PAGE_SHIFT) | (gpa & 0xFFF)
                 out += pool.mv[off:off + n]
+            elif self.state[gfn] == P2MState.SWAPPED:
+                page = self.swap.read(int(self.value[gfn]))
+                out += page[gpa & 0xFFF:(gpa & 0xFFF) + n]
+            else:
+                out += bytes(n)
             gpa += n
             size -= n
         return bytes(out)
@@ -156,9 +275,18 @@ class P2M:
             cb(gfn)
 
     def release_all(self) -> None:
-        """Return every frame to the pool (VM power-off)."""
+        """Return every frame to the pool and every swap slot (VM power-off)."""
         for gfn in np.flatnonzero((self.state == P2MState.PRIVATE) | (self.state == P2MState.SHARED)):
-            self.pool.put(int(self.value[gfn]))
+            gfn = int(gfn)
+            frame = int(self.value[gfn])
+            shared = self.state[gfn] == P2MState.SHARED
+            self.state[gfn] = P2MState.UNBACKED
+            self.pool.put(frame)
+            if shared and frame != ZERO_FRAME and self.unshared is not None:
+                self.unshared(frame, self, gfn)
+        if self.swap is not None:
+            for gfn in np.flatnonzero(self.state == P2MState.SWAPPED):
+                self.swap.free(int(self.value[gfn]))
         self.state[:] = P2MState.UNBACKED
         self.value[:] = 0
         self.generation += 1

@@ -20,9 +20,10 @@ the long form):
 * **Hidden page faults**: a shadow miss walks the guest tables (setting A/D as the
   hardware would), asks the p2m for the frame and installs the entries along the
   path; the guest never sees it. A guest walk that faults is a real #PF.
-* **Host-side write restrictions** live per machine frame (``nowrite``), not in
-  shadow entries: the zero frame, and frames holding a shadowed guest page table.
-  A write to such a frame misses the shadow even if the entry allows it.
+* **Host-side write restrictions** live per machine frame, not in shadow entries:
+  ``nowrite`` for frames holding a shadowed guest page table, and the pool's ``cow``
+  for shared frames and the zero frame. A write to such a frame misses the shadow
+  even if the entry allows it.
 * **Tracing**: a guest write to a write-protected page table is a tracing fault.
   The fill lends the write right for that page and the real instruction does the
   write (no decoder of ours to get wrong: flags, partial and string writes all
@@ -166,8 +167,8 @@ class ShadowMMU:
         self.oos: list[int] = []                             # out-of-sync gfns, oldest first
         self.oos_set: set[int] = set()
         self.table_frame: dict[int, int] = {}                # guest table gfn -> write-protected frame
-        self.nowrite = np.zeros(pool.nframes, dtype=np.bool_)
-        self.nowrite[ZERO_FRAME] = True
+        self.nowrite = np.zeros(pool.nframes, dtype=np.bool_)  # frames of write-protected guest tables
+        self.cow = pool.cow                                      # shared frames and the zero frame
         self.unsync_frame = np.zeros(pool.nframes, dtype=np.bool_)
         # Frames of direct shadow pages: WALK_2M or WALK_1G, the size of the guest leaf.
         self.direct_frame = np.zeros(pool.nframes, dtype=np.uint8)
@@ -211,7 +212,7 @@ class ShadowMMU:
             # A piece of a guest large page (see vm/intercept.py): WALK_2M / WALK_1G.
             r |= int(self.direct_frame[smem.last >> PAGE_SHIFT])
             frame = r >> PAGE_SHIFT
-            if not self.nowrite[frame]:
+            if not (self.nowrite[frame] or self.cow[frame]):
                 self.hits += 1
                 return r
             if acc != ACC_WRITE:
@@ -228,7 +229,7 @@ class ShadowMMU:
         if write:
             self._maybe_trace(gfn)
             return (frame << PAGE_SHIFT) | PERM_RWX
-        if not writable or self.nowrite[frame]:
+        if not writable or self.nowrite[frame] or self.cow[frame]:
             return (frame << PAGE_SHIFT) | (PERM_RWX & ~PERM_W)
         return (frame << PAGE_SHIFT) | PERM_RWX
 
@@ -254,7 +255,7 @@ class ShadowMMU:
         self._install(root, va, trace, gfn, write)
         if write:
             self._maybe_trace(gfn)
-        elif not writable or self.nowrite[frame]:
+        elif not writable or self.nowrite[frame] or self.cow[frame]:
             perms &= ~PERM_W
         return (frame << PAGE_SHIFT) | perms
 
@@ -536,14 +537,27 @@ class ShadowMMU:
         """p2m listener: gfn's frame or rights changed; drop every leaf that maps it."""
         for sp, idx in list(self.rmap.get(gfn, ())):
             self._zap_entry(sp, idx)
-        old = self.table_frame.get(gfn)
-        if old is not None:
-            # A guest table moved to another frame: the write protection moves with it.
-            self.nowrite[old] = False
-            frame, _ = self.p2m.map_for(gfn, True)
-            self.table_frame[gfn] = frame
-            self.nowrite[frame] = not self._is_oos(gfn)
+        if gfn in self.shadowed:
+            # A guest table's frame changed (shared, swapped): stop shadowing it; it is
+            # shadowed again, from its new frame, at the next walk that uses it.
+            for sp in list(self.shadowed[gfn]):
+                self._zap_page(sp)
         self.flush_pending = True
+
+    def overhead_frames(self) -> int:
+        """Machine frames the VMM spends on this VM's shadow pages."""
+        return len(self.pages)
+
+    def test_and_clear_accessed(self, gfn: int) -> bool:
+        """Was gfn accessed since the last call? (it has shadow leaves; they are zapped)."""
+        if not self.rmap.get(gfn):
+            return False
+        self.zap_gfn(gfn)
+        return True
+
+    def pinned(self, gfn: int) -> bool:
+        """Pages the host should not swap: guest page tables this MMU shadows."""
+        return gfn in self.shadowed
 
     # -- reports --------------------------------------------------------------------------------
 

@@ -118,6 +118,7 @@ class VCpu:
         self.exits: dict[str, int] = {}
         # Per-frame "code was fetched from here" flags of the machine pool, if any.
         self.fetched = None
+        self.pool = None
         # Regions (va >> 21, va >> 30) of guest large pages with pieces in Unicorn's TLB.
         self.large_2m: set[int] = set()
         self.large_1g: set[int] = set()
@@ -261,12 +262,17 @@ class VCpu:
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         error: UcError | None = None
         self._running = True
+        pool = self.pool
+        if pool is not None:
+            pool.running += 1
         try:
             self.uc.emu_start(rip, 0, count=budget)
         except UcError as e:
             error = e
         finally:
             self._running = False
+            if pool is not None:
+                pool.running -= 1
         self.mmu.on_exit()
         if self.mmu.flush_pending:
             self.flush_tlb()

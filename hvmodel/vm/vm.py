@@ -13,7 +13,10 @@ waiting for an interrupt), so a run is a function of its inputs alone.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
+
+import numpy as np
 from typing import Callable
 
 from unicorn import x86_const as X
@@ -29,6 +32,7 @@ from ..mmu.native import FlatRAM, NativeMMU
 from ..mmu.nested import NestedMMU
 from ..mmu.shadow import ShadowMMU
 from ..mmu.p2m import P2M, GuestMemoryError, P2MState
+from ..machine.swap import SwapDevice
 from .events import EventInjector, TripleFault
 from .exits import PF, ExitReason, VmExit, vector_name
 from .vcpu import VCpu
@@ -54,6 +58,9 @@ class VMConfig:
     slice_insns: int = DEFAULT_SLICE
     echo: Callable[[bytes], None] | None = None
     shadow_max_pages: int | None = None  # shadow page budget (default: 2 % of guest pages, >= 64)
+    pshare_enable: bool = True           # sched.mem.pshare.enable
+    pshare_salt: str | None = None       # sched.mem.pshare.salt
+    guest_arg: int = 0                   # RSI at entry (multi-VM runs: the VM's index + 1)
 
     def validate(self) -> None:
         if self.mmu not in MMU_MODES:
@@ -84,16 +91,20 @@ class VM:
     """A VM on a machine pool, ready to run one guest image."""
 
     def __init__(self, config: VMConfig, image: GuestImage, pool: MachinePool | None = None,
-                 vm_id: int = 1) -> None:
+                 vm_id: int = 1, *, swap: "SwapDevice | None" = None, host=None) -> None:
         config.validate()
         self.config = config
         self.pool = pool
         self.id = vm_id
+        # A stable identity (the default page-sharing salt under Mem.ShareForceSalting 2).
+        self.uuid = str(uuid.uuid5(uuid.NAMESPACE_OID, f"hvmodel/{vm_id}/{config.name}"))
         npages = config.memsize >> PAGE_SHIFT
         if image.load_addr + len(image.code) > config.memsize:
             raise VMError(f"guest image ({len(image.code)} bytes at {image.load_addr:#x}) "
                           f"does not fit in {config.memsize // MIB} MiB of guest memory")
         self.native = config.mmu == "native"
+        self.host = host
+        self.swap = swap
         if self.native:
             # The reference: flat guest-physical memory, Unicorn's own MMU, no p2m.
             ram = FlatRAM(config.memsize)
@@ -105,6 +116,9 @@ class VM:
             if pool is None:
                 raise VMError(f"MMU mode {config.mmu} needs a machine pool")
             self.p2m = P2M(pool, npages, vm_id)
+            self.p2m.swap = swap
+            if host is not None:
+                host.attach(self.p2m)
             self.ram = self.p2m
             try:
                 if config.mmu == "shadow":
@@ -129,7 +143,8 @@ class VM:
         self._irq_since: int | None = None
         if pool is not None and not self.native:
             self.vcpu.fetched = pool.fetched
-            pool.on_code_frame_reuse.append(self._drop_code)
+            self.vcpu.pool = pool
+            pool.on_launder.append(self._drop_code)
         self.events = EventInjector(self.vcpu)
         self.guest_page_faults = 0
         self.exit_status: int | None = None
@@ -150,10 +165,11 @@ class VM:
         v.set_reg(X.UC_X86_REG_RIP, image.entry)
         v.set_reg(X.UC_X86_REG_RSP, image.load_addr)
         v.set_reg(X.UC_X86_REG_RDI, self.config.memsize)
+        v.set_reg(X.UC_X86_REG_RSI, self.config.guest_arg)
         v.set_reg(X.UC_X86_REG_RFLAGS, 0x2)
 
-    def _drop_code(self, frame: int) -> None:
-        # A frame that held translated code is being reused: its TBs are stale.
+    def _drop_code(self) -> None:
+        # Frames that held translated code are about to be reused: drop it all.
         self.vcpu.uc.ctl_flush_tb()
         self.vcpu.invlpg.forget()
 
@@ -174,6 +190,10 @@ class VM:
     @property
     def running(self) -> bool:
         return not self.stop_reason
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.stop_reason)
 
     def run(self, max_insns: int = DEFAULT_MAX_INSNS) -> VMResult:
         """Run until the guest powers off, dies, or ``max_insns`` instructions pass."""
@@ -218,6 +238,10 @@ class VM:
             budget = min(budget, w - now % w)
         else:
             self._irq_since = None
+        if self.pool is not None and not self.native:
+            self.pool.launder()  # between slices: frames that held code become reusable
+        if self.mmu.flush_pending:
+            vcpu.flush_tlb()     # another VM's activity (sharing, swapping) changed our p2m
         try:
             ex = vcpu.run(budget)
             self._dispatch(ex)
@@ -306,9 +330,37 @@ class VM:
             c["guest_pages_backed"] = self.p2m.count(P2MState.PRIVATE)
         c["invlpg_exits"] = v.invlpg.exits
         c.update(self.mmu.counters())
+        if self.p2m is not None:
+            c.update(self.memory_counters())
         c["io_unknown_reads"] = sum(self.io.unknown_reads.values())
         c["io_unknown_writes"] = sum(self.io.unknown_writes.values())
         return c
+
+    def memory_counters(self) -> dict[str, object]:
+        """esxtop's per-VM memory view, in 4 KiB pages."""
+        p2m = self.p2m
+        pool = self.pool
+        st, val = p2m.state, p2m.value
+        private = p2m.count(P2MState.PRIVATE)
+        shared_mask = st == P2MState.SHARED
+        shared = int(np.count_nonzero(shared_mask))
+        frames = val[shared_mask]
+        nonzero = frames[frames != 0]
+        refs = pool.refcount[nonzero].astype(np.float64)
+        zero = shared - len(nonzero)
+        saved = zero + float(np.sum(1.0 - 1.0 / refs)) if len(refs) else float(zero)
+        return {
+            "GRANT": private + shared,
+            "SHRD": shared,
+            "ZERO": zero,
+            "SHRDSVD": round(saved, 1),
+            "SWCUR": p2m.count(P2MState.SWAPPED),
+            "SWR": p2m.swap_ins,
+            "SWW": p2m.swap_outs,
+            "CNSM": round(private + (float(np.sum(1.0 / refs)) if len(refs) else 0.0), 1),
+            "OVHD": self.mmu.overhead_frames(),
+            "COW_breaks": p2m.cow_breaks,
+        }
 
     def result(self) -> VMResult:
         return VMResult(name=self.config.name, exit_status=self.exit_status,
@@ -317,13 +369,17 @@ class VM:
                         counters=self.counters())
 
     def close(self) -> None:
-        """Return every frame this VM holds to the pool."""
+        """Return every frame this VM holds to the pool, delete its swap file."""
         self.mmu.release()
         if self.p2m is None or self.pool is None:
             return
         self.p2m.release_all()
-        if self._drop_code in self.pool.on_code_frame_reuse:
-            self.pool.on_code_frame_reuse.remove(self._drop_code)
+        if self.swap is not None:
+            self.swap.close()
+        if self.host is not None:
+            self.host.sharing.forget_vm(self)
+        if self._drop_code in self.pool.on_launder:
+            self.pool.on_launder.remove(self._drop_code)
 
 
 __all__ = ["VM", "VMConfig", "VMResult", "VMError", "OWNER_VMM"]
