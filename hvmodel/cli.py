@@ -103,6 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--mem", type=parse_size, default=DEFAULT_MEM, help="guest memory")
     chk.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
                      help="stop the guest after this many instructions")
+    chk.add_argument("--pressure", type=int, default=0, metavar="PAGES",
+                     help="memory management on: share every identical page and swap out PAGES pages "
+                          "after every checkpoint (the guest must not notice)")
 
     cmp = sub.add_parser("compare", help="run a guest under nested and shadow paging and compare "
                                          "their modeled cost")
@@ -328,12 +331,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     except GuestBuildError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     try:
-        res = check(image, args.mmu, memsize=args.mem, every=args.every, max_insns=args.max_insns)
+        res = check(image, args.mmu, memsize=args.mem, every=args.every, max_insns=args.max_insns,
+                    pressure=args.pressure)
     except VMError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     if not res.ok:
         print(res.report)
     print(res.summary())
+    for mode, m in res.memory.items():
+        print(f"  {mode}: {m['SWW']} pages swapped out, {m['SWR']} swapped in, {m['SHRD']} shared at the end "
+              f"({m['ZERO']} zero), {m['COW_breaks']} copy-on-write breaks")
     return 0 if res.ok else 1
 
 

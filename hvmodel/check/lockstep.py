@@ -24,6 +24,7 @@ from unicorn import x86_const as X
 
 from ..guest.image import GuestImage
 from ..host import Host, HostConfig
+from ..memory.sharing import SharingConfig
 from ..mmu.walk import ADDR_MASK, PTE_PS, paging_ctl, walk
 from ..report import disassemble_at
 from ..vm.vm import DEFAULT_MAX_INSNS, VM, VMConfig
@@ -52,6 +53,7 @@ class CheckResult:
     report: str = ""
     instructions: int = 0
     stop_reason: str = ""
+    memory: dict = field(default_factory=dict)   # sharing/swapping counters under pressure
 
     @property
     def ok(self) -> bool:
@@ -77,17 +79,24 @@ def registers(vm: VM) -> dict[str, int]:
 
 def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_mem: int = 256 << 20,
           every: int = DEFAULT_EVERY, max_insns: int = DEFAULT_MAX_INSNS,
-          configure=None) -> CheckResult:
+          configure=None, pressure: int = 0) -> CheckResult:
     """Run ``image`` under each mode and the reference in lock-step and compare.
 
     ``configure(vm)``, if given, is called on every VM before it runs (tests use it to
     arm a deliberately broken MMU and prove the checker can fail).
+
+    ``pressure`` > 0 turns memory management on for the VMM modes, none of which the
+    guest may notice: after every step the sharing scanner visits 16 × ``pressure``
+    of each VM's pages (all VMs share one salt, so identical pages are shared across
+    modes too) and ``pressure`` of its private pages are swapped out.
     """
     result = CheckResult(guest=image.source_name, modes=list(modes))
     ref = VM(VMConfig(name="native", memsize=memsize, mmu="native"), image)
-    host = Host(HostConfig(memsize=host_mem * max(1, len(modes))))
+    host = Host(HostConfig(memsize=host_mem * max(1, len(modes)),
+                           sharing=SharingConfig(force_salting=1)))
     runs = [_Run("native", ref)] + [
-        _Run(m, host.power_on(VMConfig(name=m, memsize=memsize, mmu=m), image)) for m in modes]
+        _Run(m, host.power_on(VMConfig(name=m, memsize=memsize, mmu=m, pshare_salt="check"), image))
+        for m in modes]
     for r in runs:
         r.vm.events.keep_log = True
         if configure is not None:
@@ -105,6 +114,9 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
                 vm.step(max_insns, max(1, target - vm.vcpu.insns))
                 if vm.vcpu.insns >= target:
                     break
+            if pressure and vm.running:
+                host.sharing.scan(vm, 16 * pressure)
+                host.swapper.swap_out(vm, pressure)
         result.checkpoints += 1
         report = _compare(runs)
         if report:
@@ -122,8 +134,9 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
         if report:
             result.mismatches = report.count("\n  page ") or 1
             result.report = report
-    for r in runs[1:]:
-        r.vm.close()
+    result.memory = {r.name: {k: r.vm.memory_counters()[k] for k in ("SHRD", "ZERO", "SWW", "SWR", "COW_breaks")}
+                     for r in runs[1:]} if pressure else {}
+    host.close()
     return result
 
 
