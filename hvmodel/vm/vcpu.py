@@ -157,6 +157,10 @@ class VCpu:
             if r < 0:
                 self._record_fault(~r, acc)
                 return False
+            if self.mmu.flush_pending:
+                # Before this entry goes in (Unicorn inserts it after we return), and
+                # before its large-page region is recorded: a flush forgets regions.
+                self.flush_tlb()
             e = entry[0]
             e.paddr = r & ADDR_MASK
             e.perms = r & 7
@@ -171,8 +175,6 @@ class VCpu:
                 if self.fetched is not None:
                     self.fetched[r >> 12] = True
                 self.invlpg.scan(vaddr, r & ADDR_MASK)
-            if self.mmu.flush_pending:
-                self.flush_tlb()
             return True
         except BaseException as exc:  # never let an exception unwind through C
             if self.hook_error is None:
