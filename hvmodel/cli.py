@@ -260,8 +260,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     host = _build_host(args, echo)
     try:
         if args.top:
+            from rich.console import Console
             from rich.live import Live
-            with Live(stats.rich_table(host), refresh_per_second=4, transient=False) as live:
+            console = Console()
+            if not console.is_terminal:
+                console = Console(width=160)  # a pipe or a file: keep every column readable
+            with Live(stats.rich_table(host), console=console, refresh_per_second=4, transient=False) as live:
                 results = host.run(args.max_insns, on_round=lambda h: live.update(stats.rich_table(h)))
         else:
             results = host.run(args.max_insns)

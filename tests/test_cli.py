@@ -124,3 +124,39 @@ def test_demo_runs_and_explains():
     assert proc.returncode == 0, proc.stderr
     assert "hello from the guest" in proc.stdout
     assert "2D walk" in proc.stdout
+
+
+def test_several_vms_with_a_common_salt_in_json(tmp_path):
+    src = tmp_path / "t.asm"
+    src.write_text("mov rdi, 0x300000; mov rcx, 2048; mov rax, 5; l: mov qword ptr [rdi], rax; add rdi, 8; "
+                   "dec rcx; jnz l; mov rcx, 300000; s: dec rcx; jnz s; mov al, 0; out 0xf4, al\n")
+    proc = run_cli("run", str(src), "--vms", "3", "--salt", "x", "--mem", "4M", "--share-scan-time", "0.0001",
+                   "--share-rate-max", "1000000", "--json")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert [v["name"] for v in d["vms"]] == ["t-1", "t-2", "t-3"]
+    assert d["host"]["pages_sharing"] >= 2 * 4     # the 4 identical data pages, across 3 VMs
+    assert {r["NAME"] for r in d["esxtop"]} == {"t-1", "t-2", "t-3"}
+    assert all("SHRD" in v["counters"] and "SWCUR" in v["counters"] for v in d["vms"])
+
+
+def test_scenario_run_with_stats_prints_the_esxtop_view(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(f'[host]\nmemsize = "32M"\n[[vm]]\nguest = "{GUESTS / "hello.asm"}"\nmemsize = "8M"\ncount = 2\n')
+    proc = run_cli("run", str(f), "--stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "PSHARE/MB" in proc.stdout and "SWCUR" in proc.stdout and "vm1-2" in proc.stdout
+
+
+def test_top_shows_a_live_table(tmp_path):
+    proc = run_cli("run", str(GUESTS / "hello.asm"), "--top", "--mem", "8M")
+    assert proc.returncode == 0, proc.stderr
+    assert "SHRDSVD" in proc.stdout
+
+
+def test_bad_scenario_is_one_clear_error(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text("[host\nmemsize=")
+    proc = run_cli("run", str(f))
+    assert proc.returncode == 2
+    assert_one_clear_line(proc)
