@@ -66,6 +66,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
+from ..guest.prologue import descriptor_data, descriptor_tables
 from ..mmu.walk import (PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PCD, PTE_PS, PTE_PWT, PTE_RW,
                         PTE_US)
 
@@ -555,39 +556,7 @@ _PROLOGUE_TAIL = f"""
     mov rax, cr0
     bts rax, 31
     mov cr0, rax
-# GDT: null, kernel code 0x08, kernel data 0x10, user data 0x18, user code 0x20, TSS 0x28
-    mov edi, {GDT:#x}
-    mov qword ptr [rdi], 0
-    movabs rax, 0x00AF9A000000FFFF
-    mov qword ptr [rdi+8], rax
-    movabs rax, 0x00CF92000000FFFF
-    mov qword ptr [rdi+16], rax
-    movabs rax, 0x00CFF2000000FFFF
-    mov qword ptr [rdi+24], rax
-    movabs rax, 0x00AFFA000000FFFF
-    mov qword ptr [rdi+32], rax
-    movabs rax, 0x00008900A0000067
-    mov qword ptr [rdi+40], rax
-    mov qword ptr [rdi+48], 0
-    mov eax, {KSTACK_TOP:#x}
-    mov edi, {TSS + 4:#x}
-    mov qword ptr [rdi], rax
-    lea rax, [rip + fz_gdtr]
-    lgdt [rax]
-    mov ax, 0x28
-    ltr ax
-    lea rax, [rip + fz_idtr]
-    lidt [rax]
-    lea rax, [rip + fz_cs]
-    push 0x08
-    push rax
-    retfq
-fz_cs:
-    mov ax, 0x10
-    mov ds, ax
-    mov ss, ax
-    mov es, ax
-    lea rax, [rip + h_gp]
+{descriptor_tables('fz', gdt=GDT, idt=IDT, tss=TSS, rsp0=KSTACK_TOP, es=True)}    lea rax, [rip + h_gp]
     mov edi, {IDT + 16 * 13:#x}
     mov edx, 0x8E00
     call setgate
@@ -650,13 +619,7 @@ h_sys:
     mov qword ptr [rsp+32], 0x10
     iretq
 
-fz_gdtr:
-    .word 55
-    .quad {GDT:#x}
-fz_idtr:
-    .word 4095
-    .quad {IDT:#x}
-
+{descriptor_data('fz', gdt=GDT, idt=IDT)}
 # ---- ring 3 (this page is US)
     .align 4096
 user_page:

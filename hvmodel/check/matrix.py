@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..guest.asm import build
+from ..guest.prologue import SETGATE, descriptor_data, descriptor_tables
 from ..host import Host, HostConfig
 from ..vm.vm import VM, VMConfig
 from . import oracle as o
@@ -90,38 +91,7 @@ pt_fill:
   mov rax, cr0
   or eax, 0x80010000
   mov cr0, rax
-  // GDT 0x8000, TSS 0xA000 (RSP0 0x7f000), IDT 0x9000
-  mov rdi, 0x8000
-  mov qword ptr [rdi], 0
-  movabs rax, 0x00AF9A000000FFFF
-  mov qword ptr [rdi+8], rax
-  movabs rax, 0x00CF92000000FFFF
-  mov qword ptr [rdi+16], rax
-  movabs rax, 0x00CFF2000000FFFF
-  mov qword ptr [rdi+24], rax
-  movabs rax, 0x00AFFA000000FFFF
-  mov qword ptr [rdi+32], rax
-  movabs rax, 0x00008900A0000067
-  mov qword ptr [rdi+40], rax
-  mov qword ptr [rdi+48], 0
-  mov rax, 0x7f000
-  mov rdi, 0xA004
-  mov qword ptr [rdi], rax
-  lea rax, [rip + gdtr]
-  lgdt [rax]
-  mov ax, 0x28
-  ltr ax
-  lea rax, [rip + idtr]
-  lidt [rax]
-  lea rax, [rip + cs_reload]
-  push 0x08
-  push rax
-  retfq
-cs_reload:
-  mov ax, 0x10
-  mov ds, ax
-  mov ss, ax
-  // every vector -> unexpected; 14 -> pf_handler; 0x80 (DPL 3) -> sys_handler
+{descriptor_tables('mx')}  // every vector -> unexpected; 14 -> pf_handler; 0x80 (DPL 3) -> sys_handler
   xor r12, r12
 gate_loop:
   lea rax, [rip + unexpected]
@@ -298,17 +268,7 @@ unexpected:
   mov al, 0x7f
   out 0xf4, al
 
-setgate:
-  mov word ptr [rdi], ax
-  mov word ptr [rdi+2], 0x08
-  mov word ptr [rdi+4], 0x8E00
-  shr rax, 16
-  mov word ptr [rdi+6], ax
-  shr rax, 16
-  mov dword ptr [rdi+8], eax
-  mov dword ptr [rdi+12], 0
-  ret
-
+{SETGATE}
 user_stub:
   cmp rbx, 1
   je us_write
@@ -324,12 +284,7 @@ us_fetch:
   int 0x80
 user_stub_end:
 
-gdtr:
-  .word 55
-  .quad 0x8000
-idtr:
-  .word 4095
-  .quad 0x9000
+{descriptor_data('mx')}
 rsp_save:
   .quad 0
 phase:

@@ -5,6 +5,8 @@ TSS 0xA000 (RSP0 = 0x7f000), kernel stack 0x100000. Gates are installed by `setg
 (RAX = handler, RDI = gate address, interrupt gate, selector 0x08, DPL 0).
 """
 
+from hvmodel.guest.prologue import SETGATE, descriptor_data, descriptor_tables
+
 PROLOGUE = """
   mov rsp, 0x100000
   mov rdi, 0x10000
@@ -30,51 +32,5 @@ pro_fill:
   mov rax, cr0
   or eax, 0x80010000
   mov cr0, rax
-  mov rdi, 0x8000
-  mov qword ptr [rdi], 0
-  movabs rax, 0x00AF9A000000FFFF
-  mov qword ptr [rdi+8], rax
-  movabs rax, 0x00CF92000000FFFF
-  mov qword ptr [rdi+16], rax
-  movabs rax, 0x00CFF2000000FFFF
-  mov qword ptr [rdi+24], rax
-  movabs rax, 0x00AFFA000000FFFF
-  mov qword ptr [rdi+32], rax
-  movabs rax, 0x00008900A0000067
-  mov qword ptr [rdi+40], rax
-  mov qword ptr [rdi+48], 0
-  mov rax, 0x7f000
-  mov rdi, 0xA004
-  mov qword ptr [rdi], rax
-  lea rax, [rip + pro_gdtr]
-  lgdt [rax]
-  mov ax, 0x28
-  ltr ax
-  lea rax, [rip + pro_idtr]
-  lidt [rax]
-  lea rax, [rip + pro_cs]
-  push 0x08
-  push rax
-  retfq
-pro_cs:
-  mov ax, 0x10
-  mov ds, ax
-  mov ss, ax
-  jmp main
-setgate:
-  mov word ptr [rdi], ax
-  mov word ptr [rdi+2], 0x08
-  mov word ptr [rdi+4], 0x8E00
-  shr rax, 16
-  mov word ptr [rdi+6], ax
-  shr rax, 16
-  mov dword ptr [rdi+8], eax
-  mov dword ptr [rdi+12], 0
-  ret
-pro_gdtr:
-  .word 55
-  .quad 0x8000
-pro_idtr:
-  .word 4095
-  .quad 0x9000
-"""
+{TABLES}  jmp main
+{SETGATE}{DATA}""".format(TABLES=descriptor_tables("pro"), SETGATE=SETGATE, DATA=descriptor_data("pro"))
