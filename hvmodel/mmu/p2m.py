@@ -83,6 +83,7 @@ class P2M:
         self.cow_breaks = 0
         self.swap_ins = 0
         self.swap_outs = 0
+        self.balloon_violations = 0
 
     # -- queries --------------------------------------------------------------------
 
@@ -133,6 +134,14 @@ class P2M:
             return self._break_cow(gfn, frame), True
         if st == P2MState.SWAPPED:
             return self._swap_in(gfn), True
+        if st == P2MState.BALLOONED:
+            # The guest touched a page its balloon driver handed over: it gets a zeroed
+            # frame (as ESX does) and the VM's balloon_violations counter grows.
+            self.balloon_violations += 1
+            frame = self._alloc(gfn)
+            self.value[gfn] = frame
+            self.state[gfn] = P2MState.PRIVATE
+            return frame, True
         raise GuestMemoryError(gfn, f"state {P2MState(st).name} cannot be resolved yet")
 
     def _alloc(self, gfn: int) -> int:
@@ -206,6 +215,33 @@ class P2M:
         self.pool.cow[int(self.value[gfn])] = True
         self.state[gfn] = P2MState.SHARED
         self.changed(gfn)
+
+    def balloon(self, gfn: int) -> bool:
+        """The guest's balloon driver handed ``gfn`` over: free whatever backs it.
+
+        Returns False for a page outside guest memory or already ballooned.
+        """
+        if gfn >= self.npages or self.state[gfn] == P2MState.BALLOONED:
+            return False
+        st = self.state[gfn]
+        old = int(self.value[gfn])
+        self.state[gfn] = P2MState.BALLOONED
+        self.value[gfn] = 0
+        if st in (P2MState.PRIVATE, P2MState.SHARED):
+            self.changed(gfn)
+            self.pool.put(old)
+            if st == P2MState.SHARED and old != ZERO_FRAME and self.unshared is not None:
+                self.unshared(old, self, gfn)
+        elif st == P2MState.SWAPPED:
+            self.swap.free(old)
+        return True
+
+    def unballoon(self, gfn: int) -> bool:
+        """The balloon driver gave ``gfn`` back: it reads as zero until touched again."""
+        if gfn >= self.npages or self.state[gfn] != P2MState.BALLOONED:
+            return False
+        self.state[gfn] = P2MState.UNBACKED
+        return True
 
     def swap_out(self, gfn: int) -> None:
         """Write a private page to the swap file and free its frame."""
