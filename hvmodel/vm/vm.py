@@ -22,6 +22,7 @@ from typing import Callable
 from unicorn import x86_const as X
 
 from ..devices.bus import IOBus
+from ..devices.backdoor import BackdoorBalloon
 from ..devices.debugexit import DebugExit
 from ..devices.pic import Pic8259Pair
 from ..devices.pit import Pit8254
@@ -33,6 +34,7 @@ from ..mmu.nested import NestedMMU
 from ..mmu.shadow import ShadowMMU
 from ..mmu.p2m import P2M, GuestMemoryError, P2MState
 from ..machine.swap import SwapDevice
+from ..memory.balloon import Balloon
 from .events import EventInjector, TripleFault
 from .exits import PF, ExitReason, VmExit, vector_name
 from .vcpu import VCpu
@@ -61,6 +63,7 @@ class VMConfig:
     pshare_enable: bool = True           # sched.mem.pshare.enable
     pshare_salt: str | None = None       # sched.mem.pshare.salt
     guest_arg: int = 0                   # RSI at entry (multi-VM runs: the VM's index + 1)
+    maxmemctl: int | None = None         # sched.mem.maxmemctl in bytes: the balloon's per-VM cap
 
     def validate(self) -> None:
         if self.mmu not in MMU_MODES:
@@ -140,6 +143,11 @@ class VM:
 
         self.vcpu = VCpu(*phys, self.mmu, self.io, native=self.native)
         self.vcpu.kick_ports = frozenset(self.pit.ports) | frozenset(self.pic.ports)
+        # Ballooning (memory/balloon.py) through the back-door port 0x5670; native: target 0.
+        self.balloon = Balloon(self.p2m, maxmemctl=config.maxmemctl) if self.p2m is not None else None
+        self.backdoor = BackdoorBalloon(self.balloon, self.vcpu.reg, self.vcpu.set_reg,
+                                        on_change=lambda: self.mmu.flush_pending and self.vcpu.flush_tlb())
+        self.io.attach(self.backdoor)
         self._irq_since: int | None = None
         if pool is not None and not self.native:
             self.vcpu.fetched = pool.fetched
@@ -332,6 +340,8 @@ class VM:
         c.update(self.mmu.counters())
         if self.p2m is not None:
             c.update(self.memory_counters())
+        if self.balloon is not None:
+            c.update(self.balloon.counters())
         c["io_unknown_reads"] = sum(self.io.unknown_reads.values())
         c["io_unknown_writes"] = sum(self.io.unknown_writes.values())
         return c
