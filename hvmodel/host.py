@@ -29,7 +29,9 @@ from pathlib import Path
 from .guest.image import GuestImage
 from .machine.pool import PAGE_SIZE, MachinePool
 from .machine.swap import SwapDevice, SwapError
+from .memory.compress import CompressionCache
 from .memory.sharing import PageSharing, SharingConfig
+from .memory.states import MemoryStates, min_free
 from .memory.swap import HypervisorSwap
 from .mmu.p2m import P2M, P2MState
 from .vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
@@ -54,6 +56,9 @@ class HostConfig:
     seed: int = 0                    # the seed of every random choice the host makes
     quantum: int = DEFAULT_QUANTUM
     swap: bool = True                # give VMs swap files (overcommitment)
+    min_free_pct: float = 0.0        # Mem.MemMinFreePct: 0 = ESXi's sliding scale
+    zip_max_pct: float = 10.0        # Mem.MemZipMaxPct: compression cache cap, % of VM memory
+    zip_enable: bool = True          # Mem.MemZipEnable
 
 
 class Host:
@@ -70,9 +75,12 @@ class Host:
         self.swapper = HypervisorSwap(self.config.swap_policy, self.config.seed)
         self._own_swap_dir = self.config.swap_dir is None
         self.swap_dir = Path(self.config.swap_dir) if self.config.swap_dir else None
-        # Reclaim when free frames fall under low; reclaim up to high.
-        self.low_water = max(32, self.pool.nframes // 50)
-        self.high_water = 2 * self.low_water
+        # Host memory states from free memory against minFree (memory/states.py).
+        self.states = MemoryStates(min_free(self.config.memsize, self.config.min_free_pct))
+        mf = self.states.min_free_bytes // PAGE_SIZE
+        # In-fill reclaim frees at least this many frames at a time.
+        self.low_water = max(16, int(mf * self.states.bounds["hard"]))
+        self.high_water = max(2 * self.low_water, int(mf * self.states.bounds["soft"]))
         self.reclaims = 0
         self.timeline: list[dict] = []
 
@@ -111,6 +119,9 @@ class Host:
             if swap is not None:
                 swap.close()
             raise
+        if vm.p2m is not None and swap is not None and self.config.zip_enable:
+            cap = int(vm.p2m.npages * self.config.zip_max_pct / 100)
+            vm.p2m.zip = CompressionCache(self.pool, max_frames=max(1, cap // 4))
         self.vms.append(vm)
         return vm
 
@@ -152,15 +163,24 @@ class Host:
         return results
 
     def policy(self, vm: VM, insns: int) -> None:
-        """Memory policy after one VM's slice of ``insns`` instructions."""
+        """Memory policy after one VM's slice of ``insns`` instructions.
+
+        The host state (memory/states.py) decides what runs: the sharing scan always,
+        faster from ``clear`` on; compression and swapping from ``hard`` on, until free
+        memory is back at the ``soft`` bound.
+        """
         if vm.p2m is None:
             return
         seconds = insns * NS_PER_INSN * 1e-9
+        state = self.states.update(self.pool.free_frames * PAGE_SIZE)
+        boost = 1 if state == "high" else 8   # "clear" and worse: sharing runs actively
         for v in self.vms:
             if v.running and v.p2m is not None:
-                self.sharing.scan(v, self.sharing.pages_for(v, seconds / max(1, len(self.vms))))
-        if self.pool.free_frames < self.low_water:
-            self.reclaim(self.high_water - self.pool.free_frames)
+                self.sharing.scan(v, boost * self.sharing.pages_for(v, seconds / max(1, len(self.vms))))
+        if self.states.at_least("hard"):
+            want = int(self.states.min_free_bytes * self.states.bounds["soft"]) // PAGE_SIZE
+            self.reclaim(max(want - self.pool.free_frames, self.low_water))
+            self.states.update(self.pool.free_frames * PAGE_SIZE)
         self.pool.launder()
 
     def reclaim(self, n: int) -> int:
@@ -182,11 +202,13 @@ class Host:
         return self._swap(max(n, self.low_water))
 
     def _swap(self, n: int) -> int:
+        """Take ``n`` pages out of RAM: compressed where it pays, swapped otherwise."""
         done = 0
         for vm in self._by_consumption():
             if vm.p2m.swap is None:
                 continue
-            done += self.swapper.swap_out(vm, n - done)
+            z, s = self.swapper.reclaim(vm, n - done)
+            done += z + s
             if done >= n:
                 break
         return done
@@ -220,6 +242,12 @@ class Host:
             **ksm,
             "reclaims_in_fill": self.reclaims,
             "launders": p.launders,
+            "state": self.states.state,
+            "minfree_bytes": self.states.min_free_bytes,
+            "state_transitions": self.states.transitions,
+            "zipped": sum(vm.p2m.zip.zipped for vm in vms if vm.p2m.zip is not None),
+            "zip_saved_frames": sum(len(vm.p2m.zip.entries) - len(vm.p2m.zip.frames)
+                                    for vm in vms if vm.p2m.zip is not None),
         }
 
     def close(self) -> None:

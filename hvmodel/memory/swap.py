@@ -82,3 +82,14 @@ class HypervisorSwap:
             vm.p2m.swap_out(g)
             done += 1
         return done
+
+    def reclaim(self, vm: "VM", n: int) -> tuple[int, int]:
+        """Take up to ``n`` pages of ``vm`` out of RAM, compressing those that allow it
+        (when the VM has a compression cache) and swapping the rest; (zipped, swapped)."""
+        zipped = swapped = 0
+        for g in self.victims(vm, n):
+            if vm.p2m.reclaim_page(g) == "zip":
+                zipped += 1
+            else:
+                swapped += 1
+        return zipped, swapped

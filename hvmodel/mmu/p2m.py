@@ -69,8 +69,10 @@ class P2M:
         self.generation = 0
         # Called as listener(gfn) after the gfn's frame or rights changed.
         self.listeners: list[Callable[[int], None]] = []
-        # The VM's swap file, when it has one (the host creates it at power-on).
+        # The VM's swap file, when it has one (the host creates it at power-on), and its
+        # compression cache (memory/compress.py), when the host gives it one.
         self.swap: SwapDevice | None = None
+        self.zip = None
         # Host hooks: reclaim(n, p2m) frees up to n frames (returns how many) when an
         # allocation fails; unshared(frame, p2m, gfn) tells page sharing that gfn no
         # longer maps the shared frame.
@@ -134,6 +136,8 @@ class P2M:
             return self._break_cow(gfn, frame), True
         if st == P2MState.SWAPPED:
             return self._swap_in(gfn), True
+        if st == P2MState.COMPRESSED:
+            return self._unzip(gfn), True
         if st == P2MState.BALLOONED:
             # The guest touched a page its balloon driver handed over: it gets a zeroed
             # frame (as ESX does) and the VM's balloon_violations counter grows.
@@ -196,7 +200,69 @@ class P2M:
         self.swap_ins += 1
         return frame
 
-    # -- changes the host makes (sharing, swapping) -------------------------------------
+    def _unzip(self, gfn: int) -> int:
+        from ..memory.compress import CompressionError
+        try:
+            data = self.zip.load(gfn, remove=False)  # verified, still in the cache
+        except CompressionError as e:
+            raise GuestMemoryError(gfn, f"cannot decompress: {e}", host_failure=True) from None
+        # The allocation may reclaim, and a full cache may even send this very page to
+        # swap meanwhile: the bytes in hand are still its content.
+        frame = self._alloc(gfn)
+        if self.state[gfn] == P2MState.COMPRESSED:
+            self.zip.drop(gfn)
+            self.zip.unzipped += 1
+        elif self.state[gfn] == P2MState.SWAPPED:
+            self.swap.free(int(self.value[gfn]))
+        off = frame << PAGE_SHIFT
+        self.pool.mv[off:off + PAGE_SIZE] = data
+        self.value[gfn] = frame
+        self.state[gfn] = P2MState.PRIVATE
+        return frame
+
+    # -- changes the host makes (sharing, compressing, swapping) --------------------------
+
+    def reclaim_page(self, gfn: int) -> str:
+        """Take a private page out of RAM: compressed if it pays, else swapped.
+
+        Returns "zip" or "swap". A full compression cache first sends its least recently
+        used page to the swap file (ESXi).
+        """
+        if self.zip is None:
+            self.swap_out(gfn)
+            return "swap"
+        frame = int(self.value[gfn])
+        off = frame << PAGE_SHIFT
+        data = bytes(self.pool.mv[off:off + PAGE_SIZE])
+        blob = self.zip.compress(data)
+        if blob is None:
+            self.swap_out(gfn)
+            return "swap"
+        while not self.zip.store(gfn, data, blob):
+            victim = self.zip.lru()
+            if victim is None:
+                self.swap_out(gfn)
+                return "swap"
+            self._zip_to_swap(victim)
+        self.value[gfn] = 0
+        self.state[gfn] = P2MState.COMPRESSED
+        self.changed(gfn)
+        self.pool.put(frame)
+        return "zip"
+
+    def _zip_to_swap(self, gfn: int) -> None:
+        from ..memory.compress import CompressionError
+        try:
+            data = self.zip.load(gfn)
+        except CompressionError as e:
+            raise GuestMemoryError(gfn, f"cannot decompress: {e}", host_failure=True) from None
+        try:
+            slot = self.swap.write(data)
+        except SwapError as e:
+            raise GuestMemoryError(gfn, f"cannot swap out: {e}", host_failure=True) from None
+        self.value[gfn] = slot
+        self.state[gfn] = P2MState.SWAPPED
+        self.swap_outs += 1
 
     def share(self, gfn: int, frame: int) -> None:
         """Map ``gfn`` to the shared (copy-on-write) ``frame``, dropping its own frame."""
@@ -234,6 +300,8 @@ class P2M:
                 self.unshared(old, self, gfn)
         elif st == P2MState.SWAPPED:
             self.swap.free(old)
+        elif st == P2MState.COMPRESSED:
+            self.zip.drop(gfn)
         return True
 
     def unballoon(self, gfn: int) -> bool:
@@ -274,6 +342,9 @@ class P2M:
                 out += pool.mv[off:off + n]
             elif self.state[gfn] == P2MState.SWAPPED:
                 page = self.swap.read(int(self.value[gfn]))
+                out += page[gpa & 0xFFF:(gpa & 0xFFF) + n]
+            elif self.state[gfn] == P2MState.COMPRESSED:
+                page = self.zip.peek(gfn)
                 out += page[gpa & 0xFFF:(gpa & 0xFFF) + n]
             else:
                 out += bytes(n)

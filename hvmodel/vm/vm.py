@@ -368,8 +368,10 @@ class VM:
             "SWR": p2m.swap_ins,
             "SWW": p2m.swap_outs,
             "CNSM": round(private + (float(np.sum(1.0 / refs)) if len(refs) else 0.0), 1),
-            "OVHD": self.mmu.overhead_frames(),
+            "OVHD": self.mmu.overhead_frames() + (len(p2m.zip.frames) if p2m.zip is not None else 0),
             "COW_breaks": p2m.cow_breaks,
+            "ZIPPED": p2m.count(P2MState.COMPRESSED),
+            **(p2m.zip.counters() if p2m.zip is not None else {}),
         }
 
     def result(self) -> VMResult:
@@ -384,6 +386,8 @@ class VM:
         if self.p2m is None or self.pool is None:
             return
         self.p2m.release_all()
+        if self.p2m.zip is not None:
+            self.p2m.zip.release()
         if self.swap is not None:
             self.swap.close()
         if self.host is not None:
