@@ -142,6 +142,7 @@ class NestedMMU:
         self.ept_violations += 1
         # An untouched page read maps the zero frame read-only; a write allocates.
         frame, writable = self.p2m.map_for(gfn, write)
+        self.p2m.note_mapped(gfn)
         idx = self._slot(gfn)
         old = self.q[idx]
         if old & EPT_RWX and (old & ADDR_MASK) >> PAGE_SHIFT != frame:

@@ -80,6 +80,10 @@ class P2M:
         self.unshared: Callable[[int, "P2M", int], None] | None = None
         # Recently resolved gfns: a reclaim in the middle of a fill must not take them.
         self.recent: list[int] = []
+        # Active-memory sampling (memory/alloc.py): the gfns being watched this period and
+        # those an MMU had to map again since their translations were invalidated.
+        self.watch: set[int] = set()
+        self.watch_touched: set[int] = set()
         # esxtop-style counters this layer owns.
         self.first_touches = 0
         self.cow_breaks = 0
@@ -374,6 +378,11 @@ class P2M:
         return self.resolve(gfn, write)
 
     # -- changes ------------------------------------------------------------------------
+
+    def note_mapped(self, gfn: int) -> None:
+        """An MMU (re)established a translation of ``gfn`` (its slow path)."""
+        if gfn in self.watch:
+            self.watch_touched.add(gfn)
 
     def changed(self, gfn: int) -> None:
         """Announce that ``gfn``'s translation changed: derived caches must drop it."""

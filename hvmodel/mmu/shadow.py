@@ -226,6 +226,7 @@ class ShadowMMU:
         gfn = va >> PAGE_SHIFT
         write = acc == ACC_WRITE
         frame, writable = self.p2m.map_for(gfn, write)
+        self.p2m.note_mapped(gfn)
         if write:
             self._maybe_trace(gfn)
             return (frame << PAGE_SHIFT) | PERM_RWX
@@ -251,6 +252,7 @@ class ShadowMMU:
         gfn = r >> PAGE_SHIFT
         write = acc == ACC_WRITE
         frame, writable = self.p2m.map_for(gfn, write)
+        self.p2m.note_mapped(gfn)
         perms = r & (PERM_RWX | WALK_LARGE)
         self._install(root, va, trace, gfn, write)
         if write:
