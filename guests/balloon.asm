@@ -14,6 +14,10 @@
 # largest balloon size reached and the final one, and exits 0. A working-set mismatch
 # prints the address and exits 2.
 #
+# Without a balloon device (START does not answer SUCCESS_WITH_CAPABILITIES: e.g. a plain
+# emulator whose unclaimed ports read 0) it says so, checks its working set once and
+# exits 0 at once.
+#
 # The host sets the target (vm.balloon.target, pages); the reference MMU (`native`) has
 # no balloon and answers target 0, so `hvmodel check` sees the same guest behaviour.
 
@@ -34,9 +38,6 @@
 main:
     lea rsi, [rip + msg_hdr]
     call puts
-    call balloon_start
-    test eax, eax
-    jnz m_nostart
     # ---- the working set, before the balloon takes anything
     call frame_get
     mov qword ptr [rip + ws_base], rax
@@ -70,7 +71,7 @@ m_scratch_n:
     mov qword ptr [rip + scratch_pages], rax
     mov r12, rax
     test r12, r12
-    jz m_timer
+    jz m_driver
     call frame_get
     mov r15, rax
     xor ebx, ebx
@@ -91,7 +92,10 @@ m_scratch_put:
     inc rbx
     cmp rbx, r12
     jb m_scratch_put
-m_timer:
+m_driver:
+    call balloon_start
+    test eax, eax
+    jnz m_nodevice
     # ---- timer: IRQ 0 at HZ
     mov edi, 0x20
     lea rsi, [rip + timer_handler]
@@ -147,9 +151,17 @@ m_end:
     call puts
     jmp pass
 
-m_nostart:
-    lea rsi, [rip + msg_nostart]
-    jmp fail
+m_nodevice:
+    # no balloon back-door (a machine without the device): check the working set once
+    mov rbx, rax
+    lea rsi, [rip + msg_nodev]
+    call puts
+    mov rax, rbx
+    call putdec
+    lea rsi, [rip + msg_nodev2]
+    call puts
+    call ws_check_all
+    jmp pass
 
 # timer_handler(rdi = frame): count the tick, EOI.
 timer_handler:
@@ -333,7 +345,8 @@ last_target: .quad 0
 reused:      .quad 0
 
 msg_hdr:     .asciz "balloon: driver on port 0x5670; 256 working-set pages checked, polls once a second for 6 s\n"
-msg_nostart: .asciz "balloon: START failed"
+msg_nodev:   .asciz "balloon: no balloon back-door on port 0x5670, nothing to do (status "
+msg_nodev2:  .asciz ")\n"
 msg_t:       .asciz "balloon: t="
 msg_target:  .asciz "s target "
 msg_size:    .asciz " size "
