@@ -26,9 +26,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .guest.image import GuestImage
 from .machine.pool import PAGE_SIZE, MachinePool
 from .machine.swap import SwapDevice, SwapError
+from .memory.alloc import ActivitySampler, Claim, shares_of, targets
 from .memory.compress import CompressionCache
 from .memory.sharing import PageSharing, SharingConfig
 from .memory.states import MemoryStates, min_free
@@ -57,6 +60,9 @@ class HostConfig:
     quantum: int = DEFAULT_QUANTUM
     swap: bool = True                # give VMs swap files (overcommitment)
     min_free_pct: float = 0.0        # Mem.MemMinFreePct: 0 = ESXi's sliding scale
+    idle_tax_pct: float = 75.0       # Mem.IdleTax
+    sample_period_s: float = 0.05    # Mem.SamplePeriod in guest seconds (ESXi: 60; scaled to short runs)
+    sample_pages: int = 100          # pages sampled per period (the paper's n)
     zip_max_pct: float = 10.0        # Mem.MemZipMaxPct: compression cache cap, % of VM memory
     zip_enable: bool = True          # Mem.MemZipEnable
 
@@ -83,6 +89,11 @@ class Host:
         self.high_water = max(2 * self.low_water, int(mf * self.states.bounds["soft"]))
         self.reclaims = 0
         self.timeline: list[dict] = []
+        self.samplers: dict[int, ActivitySampler] = {}
+        self.next_sample: dict[int, int] = {}
+        self.rng = np.random.default_rng(self.config.seed)
+        self.targets: dict[int, int] = {}
+        self.balloon_set: dict[int, int] = {}   # balloon targets the host itself set
 
     # -- admission --------------------------------------------------------------------
 
@@ -172,16 +183,77 @@ class Host:
         if vm.p2m is None:
             return
         seconds = insns * NS_PER_INSN * 1e-9
+        self._sample(vm)
         state = self.states.update(self.pool.free_frames * PAGE_SIZE)
+        self._compute_targets()
         boost = 1 if state == "high" else 8   # "clear" and worse: sharing runs actively
         for v in self.vms:
             if v.running and v.p2m is not None:
                 self.sharing.scan(v, boost * self.sharing.pages_for(v, seconds / max(1, len(self.vms))))
+        self._balloon(state)
         if self.states.at_least("hard"):
             want = int(self.states.min_free_bytes * self.states.bounds["soft"]) // PAGE_SIZE
             self.reclaim(max(want - self.pool.free_frames, self.low_water))
             self.states.update(self.pool.free_frames * PAGE_SIZE)
         self.pool.launder()
+
+    # -- allocation: sampling, targets, ballooning -------------------------------------------
+
+    def _sample(self, vm: VM) -> None:
+        """Active-memory sampling, one period per ``sample_period_s`` of the VM's guest time."""
+        period = max(1, int(self.config.sample_period_s * 1e9 / NS_PER_INSN))
+        s = self.samplers.get(vm.id)
+        if s is None:
+            s = self.samplers[vm.id] = ActivitySampler(samples=self.config.sample_pages)
+            s.begin(vm, self.rng)
+            self.next_sample[vm.id] = vm.vcpu.insns + period
+            return
+        if vm.vcpu.insns >= self.next_sample[vm.id]:
+            s.end(vm)
+            s.begin(vm, self.rng)
+            self.next_sample[vm.id] = vm.vcpu.insns + period
+
+    def consumed(self, vm: VM) -> int:
+        """Machine pages the VM holds (a shared frame counts once per user, like ESXi's GRANT)."""
+        st = vm.p2m.state
+        return int(np.count_nonzero((st == P2MState.PRIVATE) | (st == P2MState.SHARED)))
+
+    def _compute_targets(self) -> None:
+        """Proportional-share targets with the idle memory tax (memory/alloc.py)."""
+        vms = [v for v in self.vms if v.p2m is not None and v.running]
+        if not vms:
+            return
+        overhead = sum(v.mmu.overhead_frames() for v in vms)
+        available = self.pool.nframes - 1 - overhead - self.states.min_free_bytes // PAGE_SIZE
+        claims = []
+        for v in vms:
+            mb = v.p2m.npages * PAGE_SIZE / (1 << 20)
+            s = self.samplers.get(v.id)
+            claims.append(Claim(shares=shares_of(v.config.shares, mb),
+                                active=s.estimate if s is not None else 1.0,
+                                reservation=v.config.reservation // PAGE_SIZE,
+                                limit=(v.config.limit or v.config.memsize) // PAGE_SIZE))
+        for v, t in zip(vms, targets(claims, max(0, available), self.config.idle_tax_pct / 100)):
+            self.targets[v.id] = t
+
+    def _balloon(self, state: str) -> None:
+        """Balloon targets: inflate in ``soft`` toward each VM's target, stop in ``hard``/``low``
+        (hold), deflate when memory is plentiful (``high``)."""
+        for v in self.vms:
+            b = getattr(v, "balloon", None)
+            if b is None or v.stopped:
+                continue
+            if state == "soft":
+                excess = self.consumed(v) - self.targets.get(v.id, v.p2m.npages)
+                want = max(b.target, min(b.max, b.size + max(0, excess)))
+                if want != b.target:
+                    b.target = want
+                    self.balloon_set[v.id] = want
+            elif state == "high" and self.balloon_set.get(v.id):
+                # Memory is plentiful again: deflate what the host asked for (a target
+                # set by someone else — a test, a user — is left alone).
+                b.target = 0
+                self.balloon_set[v.id] = 0
 
     def reclaim(self, n: int) -> int:
         """Free up to ``n`` frames: sharing first, then swapping (between slices)."""
@@ -214,15 +286,32 @@ class Host:
         return done
 
     def _by_consumption(self) -> list[VM]:
+        """VMs to reclaim from, first the one furthest above its target (min-funding revocation)."""
         vms = [v for v in self.vms if v.p2m is not None and not v.stopped]
-        return sorted(vms, key=lambda v: -v.p2m.count(P2MState.PRIVATE))
+        return sorted(vms, key=lambda v: -(self.consumed(v) - self.targets.get(v.id, v.p2m.npages)))
 
     # -- reports ----------------------------------------------------------------------------
 
     def _record(self) -> None:
-        self.timeline.append({"free": self.pool.free_frames,
-                              "vms": {vm.config.name: vm.p2m.count(P2MState.PRIVATE)
-                                      for vm in self.vms if vm.p2m is not None}})
+        """One point of the timeline per round-robin round (plots, reports)."""
+        point = {"time_s": max((v.vcpu.insns for v in self.vms), default=0) * NS_PER_INSN * 1e-9,
+                 "state": self.states.state, "free": self.pool.free_frames, "vms": {}}
+        for v in self.vms:
+            if v.p2m is None:
+                continue
+            p = v.p2m
+            b = getattr(v, "balloon", None)
+            point["vms"][v.config.name] = {
+                "consumed": int(np.count_nonzero(p.state == P2MState.PRIVATE)),
+                "shared": p.count(P2MState.SHARED),
+                "ballooned": p.count(P2MState.BALLOONED),
+                "compressed": p.count(P2MState.COMPRESSED),
+                "swapped": p.count(P2MState.SWAPPED),
+                "target": self.targets.get(v.id, 0),
+                "balloon_target": b.target if b is not None else 0,
+                "active": self.samplers[v.id].estimate if v.id in self.samplers else 1.0,
+            }
+        self.timeline.append(point)
 
     def counters(self) -> dict[str, object]:
         """Host-wide counters: PMEM, PSHARE (esxtop) and KSM's names."""

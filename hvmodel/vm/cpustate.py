@@ -36,6 +36,8 @@ OFF_EXC_IS_INT = 5428         # i32: 1 when the last event was a software `int N
 OFF_OLD_EXCEPTION = 5536      # i32: last contributory exception, -1 = none
 
 HF_CPL_MASK = 3
+# How much of uc_struct the probes search (the fields found live at ~1.4 KiB on 2.1.4).
+_WINDOW = 0x4000
 
 
 class EngineMismatch(RuntimeError):
@@ -186,14 +188,15 @@ def _find_counter(uc: Uc, at: dict[str, int]) -> int:
     """Offset of uc_struct.emu_counter: the u64 that equals known instruction counts."""
     handle = uc._uch.value
     candidates: set[int] | None = None
-    # A run of n nops ending in hlt executes n+1 instructions; counter = n+1.
-    for i, n in enumerate((5, 11, 23)):
+    # mov ecx, n ; l: dec ecx ; jnz l ; hlt  executes 2n + 2 instructions. Counts this
+    # large and distinct do not occur by chance in the scanned window (small ones did).
+    for i, n in enumerate((601, 1103, 1709)):
         start = 0x2000 + 0x100 * i  # fresh addresses: mem_write does not drop translated code
-        uc.mem_write(start, b"\x90" * n + b"\xf4")
-        uc.emu_start(start, 0, count=1000)
-        window = ctypes.string_at(handle, 0x10000)
+        uc.mem_write(start, b"\xb9" + n.to_bytes(4, "little") + b"\xff\xc9\x75\xfc\xf4")
+        uc.emu_start(start, 0, count=100_000)
+        window = ctypes.string_at(handle, _WINDOW)
         hits = {off for off in range(0, len(window) - 8, 8)
-                if struct.unpack_from("<Q", window, off)[0] == n + 1}
+                if struct.unpack_from("<Q", window, off)[0] == 2 * n + 2}
         candidates = hits if candidates is None else candidates & hits
     if not candidates or len(candidates) != 1:
         raise EngineMismatch(f"cannot locate the instruction counter (candidates {sorted(candidates or [])[:8]})")
@@ -211,8 +214,8 @@ def _find_invalid_addr() -> int:
     uc.mem_map(0, 0x10000)
 
     def fill(uc_: Uc, va: int, _acc: int, entry: object, _ud: object) -> bool:
-        if 0x5000 <= va < 0x9000:
-            return False
+        if va >= 0x10000:
+            return False  # the probe addresses: refused
         entry.paddr = va
         entry.perms = 7
         return True
@@ -220,7 +223,9 @@ def _find_invalid_addr() -> int:
     uc.hook_add(UC_HOOK_TLB_FILL, fill)
     handle = uc._uch.value
     candidates: set[int] | None = None
-    for i, addr in enumerate((0x5123, 0x6FF9, 0x7ABC)):
+    # Unusual canonical addresses (one straddles a page): such values do not occur by
+    # chance in the scanned window; small ones did.
+    for i, addr in enumerate((0x5A5A_1234_5123, 0x6B6B_2345_6FF9, 0x7C7C_3456_7ABC)):
         start = 0x1000 + 0x100 * i
         uc.mem_write(start, bytes.fromhex("488b03f4"))  # mov rax, [rbx] ; hlt
         uc.reg_write(X.UC_X86_REG_RBX, addr)
@@ -228,7 +233,7 @@ def _find_invalid_addr() -> int:
             uc.emu_start(start, 0, count=100)
         except UcError:
             pass
-        window = ctypes.string_at(handle, 0x10000)
+        window = ctypes.string_at(handle, _WINDOW)
         hits = {off for off in range(0, len(window) - 8, 8)
                 if struct.unpack_from("<Q", window, off)[0] == addr}
         candidates = hits if candidates is None else candidates & hits

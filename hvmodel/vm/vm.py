@@ -64,6 +64,9 @@ class VMConfig:
     pshare_salt: str | None = None       # sched.mem.pshare.salt
     guest_arg: int = 0                   # RSI at entry (multi-VM runs: the VM's index + 1)
     maxmemctl: int | None = None         # sched.mem.maxmemctl in bytes: the balloon's per-VM cap
+    shares: str | int = "normal"         # sched.mem.shares: low / normal / high (5/10/20 per MB) or a number
+    reservation: int = 0                 # sched.mem.min in bytes: never reclaimed
+    limit: int = 0                       # sched.mem.max in bytes (0: the configured memory)
 
     def validate(self) -> None:
         if self.mmu not in MMU_MODES:
