@@ -81,6 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--share-rate-max", type=_positive_int, default=None, metavar="PAGES",
                      help="Mem.ShareRateMax: pages per guest second per VM (default 1024)")
     run.add_argument("--top", action="store_true", help="show the esxtop memory view live while running")
+    run.add_argument("--plot", metavar="FILE", help="draw memory over guest time per VM and the host state "
+                                                    "(.png, .svg or .html)")
     run.add_argument("--stats", action="store_true", help="print the VM's counters at the end")
     run.add_argument("--json", action="store_true", help="print one JSON object with results and counters")
     run.add_argument("--quiet", action="store_true", help="do not echo the guest console")
@@ -272,6 +274,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         for vm, r in zip(host.vms, results):
             if vm.triple_fault_report:
                 r.message = vm.triple_fault_report
+        if args.plot:
+            from . import plot
+            try:
+                plot.write(host.timeline, args.plot, title=f"hvmodel: {Path(args.guest).name}")
+            except (ValueError, OSError) as e:
+                raise CliError(f"--plot: {e}", EXIT_USAGE) from None
         if args.json:
             print(json.dumps({
                 "vms": [{"name": r.name, "exit_status": r.exit_status, "stop_reason": r.stop_reason,

@@ -160,3 +160,13 @@ def test_bad_scenario_is_one_clear_error(tmp_path):
     proc = run_cli("run", str(f))
     assert proc.returncode == 2
     assert_one_clear_line(proc)
+
+
+@pytest.mark.parametrize("suffix", ["png", "html"])
+def test_plot_draws_the_timeline(tmp_path, suffix):
+    out = tmp_path / f"t.{suffix}"
+    proc = run_cli("run", str(GUESTS / "hog.asm"), "--mem", "16M", "--host-mem", "8M", "--quiet",
+                   "--plot", str(out), "--swap-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in data and b"swapped" in data
