@@ -157,16 +157,19 @@ class Host:
 
         ``on_round(host)``, if given, is called after every round (live displays).
         """
+        # Rounds end at common points of guest time, so a VM that halts (its clock jumps
+        # to the next timer tick) and a busy one advance together.
         quantum = self.config.quantum
+        round_end = 0
         while any(vm.running for vm in self.vms):
+            round_end += quantum
             for vm in self.vms:
-                if not vm.running:
+                if not vm.running or vm.clock() >= round_end:
                     continue
-                before = vm.vcpu.insns
-                target = before + quantum
-                while vm.running and vm.vcpu.insns < target:
-                    vm.step(max_insns, target - vm.vcpu.insns)
-                self.policy(vm, vm.vcpu.insns - before)
+                before = vm.clock()
+                while vm.running and vm.clock() < round_end:
+                    vm.step(max_insns, max(1, round_end - vm.clock()))
+                self.policy(vm, vm.clock() - before)
             self._record()
             if on_round is not None:
                 on_round(self)
@@ -174,7 +177,7 @@ class Host:
         return results
 
     def policy(self, vm: VM, insns: int) -> None:
-        """Memory policy after one VM's slice of ``insns`` instructions.
+        """Memory policy after one VM's slice of ``insns`` instructions of guest time.
 
         The host state (memory/states.py) decides what runs: the sharing scan always,
         faster from ``clear`` on; compression and swapping from ``hard`` on, until free
@@ -206,12 +209,12 @@ class Host:
         if s is None:
             s = self.samplers[vm.id] = ActivitySampler(samples=self.config.sample_pages)
             s.begin(vm, self.rng)
-            self.next_sample[vm.id] = vm.vcpu.insns + period
+            self.next_sample[vm.id] = vm.clock() + period
             return
-        if vm.vcpu.insns >= self.next_sample[vm.id]:
+        if vm.clock() >= self.next_sample[vm.id]:
             s.end(vm)
             s.begin(vm, self.rng)
-            self.next_sample[vm.id] = vm.vcpu.insns + period
+            self.next_sample[vm.id] = vm.clock() + period
 
     def consumed(self, vm: VM) -> int:
         """Machine pages the VM holds (a shared frame counts once per user, like ESXi's GRANT)."""
@@ -294,7 +297,7 @@ class Host:
 
     def _record(self) -> None:
         """One point of the timeline per round-robin round (plots, reports)."""
-        point = {"time_s": max((v.vcpu.insns for v in self.vms), default=0) * NS_PER_INSN * 1e-9,
+        point = {"time_s": max((v.clock() for v in self.vms), default=0) * NS_PER_INSN * 1e-9,
                  "state": self.states.state, "free": self.pool.free_frames, "vms": {}}
         for v in self.vms:
             if v.p2m is None:

@@ -42,7 +42,7 @@ def rows(host: "Host") -> list[dict[str, object]]:
     out = []
     for vm in vms:
         c = vm.memory_counters()
-        secs = max(vm.vcpu.insns, 1) * NS_PER_INSN * 1e-9
+        secs = max(vm.clock(), 1) * NS_PER_INSN * 1e-9
         share = usable * vm.p2m.npages / total_mem
         out.append({
             "NAME": vm.config.name,
