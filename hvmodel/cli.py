@@ -109,6 +109,18 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="memory management on: share every identical page and swap out PAGES pages "
                           "after every checkpoint (the guest must not notice)")
 
+    mp = sub.add_parser("map", help="run a guest or scenario, then draw guest virtual → guest physical → "
+                                     "machine for some of its pages (SVG)")
+    mp.add_argument("guest", help="guest image or scenario file (.toml)")
+    _add_vm_options(mp)
+    mp.add_argument("--vms", type=_positive_int, default=1, help="run N copies of the guest on one host")
+    mp.add_argument("--salt", help="a common page-sharing salt for every VM (Mem.ShareForceSalting 1)")
+    mp.add_argument("--share-scan-time", type=float, default=None, metavar="MIN", help="Mem.ShareScanTime")
+    mp.add_argument("--share-rate-max", type=_positive_int, default=None, metavar="PAGES", help="Mem.ShareRateMax")
+    mp.add_argument("--svg", required=True, metavar="FILE", help="where to write the figure")
+    mp.add_argument("--per-kind", type=_positive_int, default=1,
+                    help="pages of each kind (shared, zero, compressed, swapped, ballooned, private) per VM")
+
     cmp = sub.add_parser("compare", help="run a guest under nested and shadow paging and compare "
                                          "their modeled cost")
     cmp.add_argument("guest", help="guest image (.asm or flat binary)")
@@ -382,6 +394,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    from . import mapfig
+    host = _build_host(args, echo=False)
+    try:
+        results = host.run(args.max_insns)
+        vms = [vm for vm in host.vms if vm.p2m is not None]
+        try:
+            Path(args.svg).write_text(mapfig.svg(vms, args.per_kind))
+        except OSError as e:
+            raise CliError(f"--svg: cannot write {args.svg}: {e.strerror}", EXIT_USAGE) from None
+        print(f"wrote {args.svg}: {len(vms)} VM(s)")
+        return next((_exit_status(r) for r in results if _exit_status(r)), 0)
+    finally:
+        host.close()
+
+
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from .check.fuzz import format_result, fuzz
     res = fuzz(args.seed, args.count, args.mmu, start=args.start, shrink_failures=not args.no_shrink)
@@ -404,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_fuzz(args)
         if args.cmd == "compare":
             return cmd_compare(args)
+        if args.cmd == "map":
+            return cmd_map(args)
     except CliError as e:
         print(f"hvmodel: {e}", file=sys.stderr)
         return e.status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,29 @@ def test_plot_draws_the_timeline(tmp_path, suffix):
     assert proc.returncode == 0, proc.stderr
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in data and b"swapped" in data
+
+
+def test_map_draws_the_three_address_spaces(tmp_path):
+    import xml.etree.ElementTree as ET
+    out = tmp_path / "m.svg"
+    proc = run_cli("map", str(GUESTS / "hog.asm"), "--mem", "16M", "--host-mem", "8M", "--svg", str(out),
+                   "--swap-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    ET.fromstring(text)                               # well-formed SVG
+    assert "guest virtual" in text and "guest physical" in text and "machine" in text
+    assert "(swapped)" in text and "vswp slot" in text  # a page that left RAM, in the swap-file lane
+    assert "VA 0x" in text and "GPA 0x" in text
+
+
+def test_map_shows_a_frame_shared_across_vms(tmp_path):
+    out = tmp_path / "m.svg"
+    proc = run_cli("map", str(GUESTS / "dedup.asm"), "--vms", "2", "--salt", "s", "--mem", "8M",
+                   "--share-scan-time", "0.001", "--share-rate-max", "10000000", "--svg", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "(shared)" in text
+    # the two VMs' shared pages point at one machine box
+    frames = re.findall(r"frame (0x[0-9a-f]+)</text>", text)
+    assert len(frames) == len(set(frames))            # each machine frame drawn once
+    assert text.count("dedup-1 GPA") >= 1 and text.count("dedup-2 GPA") >= 1
