@@ -17,7 +17,14 @@ mmu = "nested"                     # or "shadow"
 count = 8                          # 8 identical VMs: web-1 ... web-8
 "sched.mem.pshare.enable" = true
 "sched.mem.pshare.salt" = "common"
+"sched.mem.shares" = "high"        # low / normal / high (5/10/20 per MB) or a number
+"sched.mem.min" = "8M"             # reservation
+"sched.mem.max" = "32M"            # limit
+"sched.mem.maxmemctl" = "16M"      # balloon cap
 ```
+
+Host keys also: ``Mem.IdleTax`` (%), ``Mem.SamplePeriod`` (guest seconds),
+``Mem.MemMinFreePct``, ``Mem.MemZipMaxPct``, ``Mem.MemZipEnable``.
 
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -47,9 +54,10 @@ class VMSpec:
 
 
 _HOST_KEYS = {"memsize", "Mem.ShareForceSalting", "Mem.ShareScanTime", "Mem.ShareRateMax", "swap_policy",
-              "seed", "quantum", "swap_dir"}
+              "seed", "quantum", "swap_dir", "Mem.IdleTax", "Mem.SamplePeriod", "Mem.MemMinFreePct",
+              "Mem.MemZipMaxPct", "Mem.MemZipEnable"}
 _VM_KEYS = {"name", "guest", "memsize", "mmu", "count", "sched.mem.pshare.enable", "sched.mem.pshare.salt",
-            "shadow_max_pages"}
+            "shadow_max_pages", "sched.mem.shares", "sched.mem.min", "sched.mem.max", "sched.mem.maxmemctl"}
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -103,6 +111,18 @@ def load(path: str | Path) -> tuple[HostConfig, list[VMSpec]]:
                       seed=int(h.get("seed", 0)))
     if "quantum" in h:
         host.quantum = int(h["quantum"])
+    if "Mem.IdleTax" in h:
+        host.idle_tax_pct = float(h["Mem.IdleTax"])
+        if not 0 <= host.idle_tax_pct < 100:
+            raise ScenarioError(f"scenario {p}: Mem.IdleTax must be in [0, 100), got {host.idle_tax_pct}")
+    if "Mem.SamplePeriod" in h:
+        host.sample_period_s = float(h["Mem.SamplePeriod"])   # guest seconds
+    if "Mem.MemMinFreePct" in h:
+        host.min_free_pct = float(h["Mem.MemMinFreePct"])
+    if "Mem.MemZipMaxPct" in h:
+        host.zip_max_pct = float(h["Mem.MemZipMaxPct"])
+    if "Mem.MemZipEnable" in h:
+        host.zip_enable = bool(h["Mem.MemZipEnable"])
     if "swap_dir" in h:
         host.swap_dir = (p.parent / h["swap_dir"]).resolve()
     specs: list[VMSpec] = []
@@ -129,6 +149,18 @@ def load(path: str | Path) -> tuple[HostConfig, list[VMSpec]]:
                            pshare_enable=bool(v.get("sched.mem.pshare.enable", True)),
                            pshare_salt=(str(v["sched.mem.pshare.salt"]) if "sched.mem.pshare.salt" in v
                                         else None),
-                           shadow_max_pages=v.get("shadow_max_pages"))
+                           shadow_max_pages=v.get("shadow_max_pages"),
+                           shares=v.get("sched.mem.shares", "normal"),
+                           reservation=(parse_size(v["sched.mem.min"], f"{where} sched.mem.min")
+                                        if "sched.mem.min" in v else 0),
+                           limit=(parse_size(v["sched.mem.max"], f"{where} sched.mem.max")
+                                  if "sched.mem.max" in v else 0),
+                           maxmemctl=(parse_size(v["sched.mem.maxmemctl"], f"{where} sched.mem.maxmemctl")
+                                      if "sched.mem.maxmemctl" in v else None))
+            try:
+                from .memory.alloc import shares_of
+                shares_of(cfg.shares, 1)
+            except ValueError as e:
+                raise ScenarioError(f"{where}: {e}") from None
             specs.append(VMSpec(cfg, (p.parent / v["guest"]).resolve()))
     return host, specs

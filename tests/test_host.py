@@ -131,3 +131,29 @@ def test_scenario_typos_are_errors(tmp_path):
     f.write_text('[host]\nmemsize = "48M"\n"Mem.ShareForceSalt" = 1\n[[vm]]\nguest = "x.asm"\n')
     with pytest.raises(scenario.ScenarioError, match="unknown"):
         scenario.load(f)
+
+
+def test_scenario_allocation_settings(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(f'''
+[host]
+memsize = "64M"
+"Mem.IdleTax" = 50
+"Mem.SamplePeriod" = 0.01
+"Mem.MemZipMaxPct" = 5
+
+[[vm]]
+guest = "{GUESTS / 'hello.asm'}"
+memsize = "16M"
+"sched.mem.shares" = "high"
+"sched.mem.min" = "4M"
+"sched.mem.max" = "12M"
+"sched.mem.maxmemctl" = "2M"
+''')
+    h, (spec,) = scenario.load(f)
+    assert (h.idle_tax_pct, h.sample_period_s, h.zip_max_pct) == (50.0, 0.01, 5.0)
+    c = spec.config
+    assert (c.shares, c.reservation, c.limit, c.maxmemctl) == ("high", 4 << 20, 12 << 20, 2 << 20)
+    f.write_text(f'[[vm]]\nguest = "{GUESTS / "hello.asm"}"\n"sched.mem.shares" = "lots"\n')
+    with pytest.raises(scenario.ScenarioError, match="sched.mem.shares"):
+        scenario.load(f)
