@@ -94,6 +94,7 @@ class Host:
         self.rng = np.random.default_rng(self.config.seed)
         self.targets: dict[int, int] = {}
         self.balloon_set: dict[int, int] = {}   # balloon targets the host itself set
+        self.final: dict[int, VMResult] = {}     # results of VMs powered off (memory released)
 
     # -- admission --------------------------------------------------------------------
 
@@ -171,10 +172,24 @@ class Host:
                     vm.step(max_insns, max(1, round_end - vm.clock()))
                 self.policy(vm, vm.clock() - before)
             self._record()
+            if any(v.running for v in self.vms):
+                for vm in self.vms:
+                    if vm.stopped:
+                        self._power_off(vm)
             if on_round is not None:
                 on_round(self)
-        results = [vm.result() for vm in self.vms]
-        return results
+        return [self.final.get(vm.id) or vm.result() for vm in self.vms]
+
+    def _power_off(self, vm: VM) -> None:
+        """A VM stopped while others run: keep its result, give its memory back (ESXi frees a
+        powered-off VM's memory; the last VMs keep theirs until close() for reports)."""
+        if vm.id in self.final:
+            return
+        r = vm.result()
+        if vm.triple_fault_report:
+            r.message = vm.triple_fault_report
+        self.final[vm.id] = r
+        vm.close()
 
     def policy(self, vm: VM, insns: int) -> None:
         """Memory policy after one VM's slice of ``insns`` instructions of guest time.
