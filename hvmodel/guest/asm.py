@@ -56,6 +56,26 @@ from pathlib import Path
 __all__ = ["GuestBuildError", "GuestImage", "build", "build_file", "DEFAULT_LOAD_ADDR"]
 
 DEFAULT_LOAD_ADDR = 0x100000
+
+# Words that may stand in an operand without being symbols.
+_ASM_WORDS = {"byte", "word", "dword", "qword", "tbyte", "xword", "xmmword", "ymmword", "zmmword", "oword",
+              "ptr", "offset", "short", "near", "far", "rip"}
+
+
+def _register_names() -> set[str]:
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    from capstone import x86_const as cx
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    names = set()
+    for n in dir(cx):
+        if n.startswith("X86_REG_") and n != "X86_REG_ENDING":
+            name = md.reg_name(getattr(cx, n))
+            if name:
+                names.add(name.lower())
+    return names
+
+
+_REGISTERS = _register_names()
 _MASK64 = (1 << 64) - 1
 
 
@@ -668,21 +688,29 @@ class _Builder:
         return enc or b""
 
     def _missing_symbols(self) -> list[str]:
-        """Names keystone cannot resolve (asks a recording resolver; output discarded)."""
-        from keystone import KsError
+        """Names used in operands that no label or constant defines.
 
-        ks = self._ks()
+        Found by parsing, not by asking keystone: installing a ``sym_resolver`` leaves
+        keystone 0.9.2 reading decimal numbers as hex in later assemblies of the same
+        process (measured: ``mov rcx, 512`` then encoded 0x512), so it is never done.
+        """
+        defined = {lab for st in self.stmts for lab in st.labels}
+        defined |= set(self.equs) | set(self.label_names)
+        for st in self.stmts:
+            if st.kind == "equ":
+                m = re.match(r"\s*(?:\.equ\s+)?([A-Za-z_.$][\w.$]*)", st.text)
+                if m:
+                    defined.add(m.group(1))
         missing: list[str] = []
-
-        def resolver(sym, value_ptr):
-            missing.append(sym.decode("ascii", "replace"))
-            return False
-
-        ks.sym_resolver = resolver
-        try:
-            ks.asm("\n".join(self._ks_line(s) for s in self.stmts), self.load_addr)
-        except KsError:
-            pass
+        for st in self.stmts:
+            parts = st.text.split(None, 1)
+            if len(parts) < 2 or parts[0].startswith("."):
+                continue
+            for word in re.findall(r"(?<![\w.$])([A-Za-z_.$][\w.$]*)", parts[1]):
+                w = word.lower()
+                if word in defined or w in _ASM_WORDS or w in _REGISTERS or word in missing:
+                    continue
+                missing.append(word)
         return missing
 
     @staticmethod
