@@ -76,6 +76,22 @@ def _register_names() -> set[str]:
 
 
 _REGISTERS = _register_names()
+
+_DECIMAL = re.compile(r"(?<![\w.$])(\d+)(?![\w.$])")
+
+
+def _hex_literals(text: str) -> str:
+    """Write decimal literals as hex before keystone sees them (outside quotes).
+
+    keystone 0.9.2 can end up reading decimal numbers as hex (seen with a
+    sym_resolver installed, and once in a CI run with none): ``0x`` literals are
+    read the same in every mode. The capstone check still compares the result with
+    what the source meant.
+    """
+    parts = re.split(r"(\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')", text)
+    for i in range(0, len(parts), 2):
+        parts[i] = _DECIMAL.sub(lambda m: hex(int(m.group(1))), parts[i])
+    return "".join(parts)
 _MASK64 = (1 << 64) - 1
 
 
@@ -715,7 +731,7 @@ class _Builder:
 
     @staticmethod
     def _ks_line(s: _Stmt) -> str:
-        return "".join(f"{lab}: " for lab in s.labels) + s.text
+        return "".join(f"{lab}: " for lab in s.labels) + _hex_literals(s.text)
 
     def _locate_ks_error(self, fail: "_KsFail") -> GuestBuildError:
         from keystone import KS_ERR_ASM_SYMBOL_MISSING
