@@ -30,14 +30,12 @@ COLORS = {"shared": "#72b7b2", "zero": "#bab0ac", "compressed": "#e45756", "swap
 def guest_mappings(vm, limit: int = 1 << 16) -> dict[int, int]:
     """gfn → one guest-virtual address mapping it, from the vCPU's current CR3 (no side effects)."""
     from unicorn import x86_const as X
+
+    from .vm.vcpu import PeekMemory
     v = vm.vcpu
     if not v.reg(X.UC_X86_REG_CR0) & (1 << 31):
         return {}
-    q = v.q
-
-    def rd(gpa: int) -> int:
-        pa = vm.mmu.peek_gpa(gpa)
-        return q[pa >> 3] if pa >= 0 else 0
+    rd = PeekMemory(v).read_pte
 
     out: dict[int, int] = {}
     stack = [((v.reg(X.UC_X86_REG_CR3) & ADDR_MASK), 4, 0)]

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from .host import NS_PER_INSN
 from .machine.pool import PAGE_SIZE
-from .mmu.p2m import P2MState
 
 if TYPE_CHECKING:
     from .host import Host
@@ -105,9 +104,3 @@ def rich_table(host: "Host"):
     for r in rows(host):
         t.add_row(*[str(r[c]) if c in ("NAME", "STATE") else f"{r[c]:.1f}" for c in COLUMNS])
     return Group(Text(header(host)), t)
-
-
-def vm_state_counts(host: "Host") -> dict[str, dict[str, int]]:
-    """Guest pages per p2m state, per VM (for JSON)."""
-    return {vm.config.name: {s.name.lower(): vm.p2m.count(s) for s in P2MState}
-            for vm in host.vms if vm.p2m is not None}

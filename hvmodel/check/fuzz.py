@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from ..guest.prologue import descriptor_data, descriptor_tables

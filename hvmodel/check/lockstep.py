@@ -27,6 +27,7 @@ from ..host import Host, HostConfig
 from ..memory.sharing import SharingConfig
 from ..mmu.walk import ADDR_MASK, PTE_PS, paging_ctl, walk
 from ..report import disassemble_at
+from ..vm.vcpu import PeekMemory
 from ..vm.vm import DEFAULT_MAX_INSNS, VM, VMConfig
 
 REGS = [("rip", X.UC_X86_REG_RIP), ("rax", X.UC_X86_REG_RAX), ("rbx", X.UC_X86_REG_RBX),
@@ -216,16 +217,8 @@ def describe_walk(vm: VM, va: int) -> list[str]:
     cr0, cr3, cr4 = v.reg(X.UC_X86_REG_CR0), v.reg(X.UC_X86_REG_CR3), v.reg(X.UC_X86_REG_CR4)
     ctl = paging_ctl(cr0, cr4, v.efer(), v.reg(X.UC_X86_REG_RFLAGS), v.cpl() == 3)
 
-    class _Peek:
-        def read_pte(self, gpa: int) -> int:
-            pa = vm.mmu.peek_gpa(gpa)
-            return v.q[pa >> 3] if pa >= 0 else 0
-
-        def write_pte(self, gpa: int, value: int) -> None:
-            pass
-
     trace: list = []
-    res = walk(_Peek(), cr3, va, 0, v.cpl() == 3, ctl, trace)
+    res = walk(PeekMemory(v), cr3, va, 0, v.cpl() == 3, ctl, trace)
     names = {4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
     out = [f"{vm.config.name}: cr3={cr3:#x}"]
     for level, egpa, e in trace:

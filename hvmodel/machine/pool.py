@@ -161,10 +161,6 @@ class MachinePool:
         """Write bytes at a machine address (for the VMM, not the hot path)."""
         self.mv[mpa:mpa + len(data)] = data
 
-    def frames_owned_by(self, owner: int) -> int:
-        """How many frames ``owner`` holds (a shared frame counts for its owner once)."""
-        return int(np.count_nonzero(self.owner == owner))
-
     def close(self) -> None:
         """Release the views; the mmap itself stays alive while Unicorn maps it."""
         self.q.release()

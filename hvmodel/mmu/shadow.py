@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, MachinePool
+from ..machine.pool import OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
 from .p2m import P2M
 from .walk import (ACC_WRITE, ADDR_MASK, CTL_PG, PERM_RWX, PERM_W, PTE_A, PTE_D, PTE_NX, PTE_P,
                    PTE_RW, PTE_US, WALK_1G, WALK_2M, WALK_LARGE, walk)
@@ -158,7 +158,6 @@ class ShadowMMU:
         self.max_pages = max_pages if max_pages is not None else max(64, p2m.npages * 2 // 100)
         self.max_oos = max_oos
         self.pages: dict[tuple[int, int], ShadowPage] = {}
-        self.by_frame: dict[int, ShadowPage] = {}
         self.shadowed: dict[int, list[ShadowPage]] = {}     # guest table gfn -> its shadow pages
         self.snapshots: dict[int, np.ndarray] = {}           # guest table gfn -> 512 entries
         self.rmap: dict[int, set] = {}                       # data gfn -> {(ShadowPage, index)}
@@ -283,7 +282,6 @@ class ShadowMMU:
 
     def _install(self, root: ShadowPage, va: int, trace: list, gfn: int, write: bool) -> None:
         """Install the shadow entries for a successful guest walk along ``trace``."""
-        q = self.q
         sp = root
         self._install_tick = self._tick + 1
         self._touch(sp)
@@ -348,7 +346,6 @@ class ShadowMMU:
         frame = self.pool.alloc(OWNER_VMM)
         sp = ShadowPage(gfn, role, frame)
         self.pages[(gfn, role)] = sp
-        self.by_frame[frame] = sp
         if role & _ROLE_DIRECT:
             self.direct_frame[frame] = WALK_1G if role & _ROLE_1G else WALK_2M
         self.shadow_pages_created += 1
@@ -497,7 +494,6 @@ class ShadowMMU:
             self.rmap.get(g, set()).discard((sp, idx))
         sp.leaves.clear()
         del self.pages[(sp.gfn, sp.role)]
-        del self.by_frame[sp.frame]
         self.unsync_frame[sp.frame] = False
         self.direct_frame[sp.frame] = 0
         self.pool.put(sp.frame)
@@ -591,4 +587,3 @@ class ShadowMMU:
         for sp in list(self.pages.values()):
             self.pool.put(sp.frame)
         self.pages.clear()
-        self.by_frame.clear()

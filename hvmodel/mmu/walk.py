@@ -213,25 +213,3 @@ def _pfec(bits: int, acc: int, user: bool, ctl: int) -> int:
     if user:
         bits |= PFEC_U
     return bits
-
-
-def leaf_level(mem: TableMemory, cr3: int, va: int) -> int:
-    """The level (1, 2 or 3) of the leaf that maps ``va``, or 0 if none; no side effects."""
-    table = cr3 & ADDR_MASK
-    for level in (4, 3, 2, 1):
-        e = mem.read_pte(table | ((va >> (9 * level)) & 0xFF8))
-        if not e & PTE_P:
-            return 0
-        if level == 1 or (level < 4 and e & PTE_PS):
-            return level
-        table = e & ADDR_MASK
-    return 0
-
-
-def describe_fault(fault: int) -> str:
-    """Human-readable form of a walk fault, e.g. ``#PF(P|W|U)``."""
-    if fault & FAULT_GP:
-        return "#GP(0) non-canonical address"
-    names = [n for b, n in ((PFEC_P, "P"), (PFEC_W, "W"), (PFEC_U, "U"), (PFEC_RSVD, "RSVD"), (PFEC_I, "I"))
-             if fault & b]
-    return f"#PF({'|'.join(names) or '0'}) error code {fault:#x}"

@@ -357,7 +357,7 @@ class VCpu:
                          uc.reg_read(X.UC_X86_REG_CR4))
         ctl = paging_ctl(cr0, cr4, self.efer(), uc.reg_read(X.UC_X86_REG_EFLAGS), user, implicit)
         if peek:
-            r = walk(_PeekMemory(self), cr3, va, ACC_READ, user, ctl)
+            r = walk(PeekMemory(self), cr3, va, ACC_READ, user, ctl)
             if r >= 0:
                 r = self._peek_phys(r)
         else:
@@ -395,7 +395,7 @@ class VCpu:
             off += n
 
 
-class _PeekMemory:
+class PeekMemory:
     """Read-only view for diagnostics: walks without setting A/D bits or resolving."""
 
     def __init__(self, vcpu: VCpu) -> None:
