@@ -166,6 +166,8 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap-dir", help="where VM swap files (.vswp) go (default: a temporary folder)")
     p.add_argument("--no-swap", action="store_true",
                    help="give VMs no swap file: a VM must then fit in free host memory")
+    p.add_argument("--no-large-pages", action="store_true",
+                   help="back guest memory with 4 KiB pages only (Mem.AllocGuestLargePage = 0)")
     p.add_argument("--swap-policy", choices=("random", "clock"), default=None,
                    help="hypervisor swap victims: random (ESXi) or clock over accessed bits")
 
@@ -181,6 +183,8 @@ def _host_config(args: argparse.Namespace, base: HostConfig | None = None) -> Ho
         cfg.swap = False
     if getattr(args, "swap_policy", None):
         cfg.swap_policy = args.swap_policy
+    if getattr(args, "no_large_pages", False):
+        cfg.large_pages = False
     if getattr(args, "share_scan_time", None) is not None:
         cfg.sharing.scan_time_min = args.share_scan_time
     if getattr(args, "share_rate_max", None) is not None:

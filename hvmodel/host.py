@@ -37,6 +37,7 @@ from .memory.sharing import PageSharing, SharingConfig
 from .memory.states import MemoryStates, min_free
 from .memory.swap import HypervisorSwap
 from .mmu.p2m import P2M, P2MState
+from .vm.exits import ExitReason
 from .vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
 
 DEFAULT_HOST_MEM = 256 * MIB
@@ -65,6 +66,7 @@ class HostConfig:
     sample_pages: int = 100          # pages sampled per period (the paper's n)
     zip_max_pct: float = 10.0        # Mem.MemZipMaxPct: compression cache cap, % of VM memory
     zip_enable: bool = True          # Mem.MemZipEnable
+    large_pages: bool = True         # Mem.AllocGuestLargePage: 2 MiB machine pages when possible
 
 
 class Host:
@@ -150,6 +152,19 @@ class Host:
         """Wire a VM's p2m to the host's reclaim and sharing hooks (VM calls this)."""
         p2m.reclaim = self._reclaim_now
         p2m.unshared = self.sharing.unshared
+        p2m.blocked = self._blocked
+        p2m.large_ok = self.states.state == "high"
+        p2m.large_enabled = p2m.large_enabled and self.config.large_pages
+
+    def _blocked(self, p2m: P2M) -> bool:
+        """In the ``low`` state a VM above its target may not allocate until memory is freed."""
+        if self.states.state != "low":
+            return False
+        target = self.targets.get(p2m.owner)
+        if target is None:
+            return False
+        st = p2m.state
+        return int(np.count_nonzero((st == P2MState.PRIVATE) | (st == P2MState.SHARED))) > target
 
     # -- running ----------------------------------------------------------------------
 
@@ -169,7 +184,11 @@ class Host:
                     continue
                 before = vm.clock()
                 while vm.running and vm.clock() < round_end:
-                    vm.step(max_insns, max(1, round_end - vm.clock()))
+                    ex = vm.step(max_insns, max(1, round_end - vm.clock()))
+                    if ex is not None and ex.reason is ExitReason.BLOCKED:
+                        # Its allocation waits for memory: the rest of the round is a stall.
+                        vm.idle_insns += round_end - vm.clock()
+                        break
                 self.policy(vm, vm.clock() - before)
             self._record()
             if any(v.running for v in self.vms):
@@ -204,6 +223,11 @@ class Host:
         self._sample(vm)
         state = self.states.update(self.pool.free_frames * PAGE_SIZE)
         self._compute_targets()
+        # Large pages: new ones only in high; from clear on, sharing may break them.
+        self.sharing.break_large = state != "high"
+        for v in self.vms:
+            if v.p2m is not None:
+                v.p2m.large_ok = state == "high"
         boost = 1 if state == "high" else 8   # "clear" and worse: sharing runs actively
         for v in self.vms:
             if v.running and v.p2m is not None:

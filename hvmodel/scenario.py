@@ -24,7 +24,8 @@ count = 8                          # 8 identical VMs: web-1 ... web-8
 ```
 
 Host keys also: ``Mem.IdleTax`` (%), ``Mem.SamplePeriod`` (guest seconds),
-``Mem.MemMinFreePct``, ``Mem.MemZipMaxPct``, ``Mem.MemZipEnable``.
+``Mem.MemMinFreePct``, ``Mem.MemZipMaxPct``, ``Mem.MemZipEnable``,
+``Mem.AllocGuestLargePage`` (1 = 2 MiB machine pages when possible, the default; 0 = 4 KiB only).
 
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -55,7 +56,7 @@ class VMSpec:
 
 _HOST_KEYS = {"memsize", "Mem.ShareForceSalting", "Mem.ShareScanTime", "Mem.ShareRateMax", "swap_policy",
               "seed", "quantum", "swap_dir", "Mem.IdleTax", "Mem.SamplePeriod", "Mem.MemMinFreePct",
-              "Mem.MemZipMaxPct", "Mem.MemZipEnable"}
+              "Mem.MemZipMaxPct", "Mem.MemZipEnable", "Mem.AllocGuestLargePage"}
 _VM_KEYS = {"name", "guest", "memsize", "mmu", "count", "sched.mem.pshare.enable", "sched.mem.pshare.salt",
             "shadow_max_pages", "sched.mem.shares", "sched.mem.min", "sched.mem.max", "sched.mem.maxmemctl"}
 
@@ -123,6 +124,8 @@ def load(path: str | Path) -> tuple[HostConfig, list[VMSpec]]:
         host.zip_max_pct = float(h["Mem.MemZipMaxPct"])
     if "Mem.MemZipEnable" in h:
         host.zip_enable = bool(h["Mem.MemZipEnable"])
+    if "Mem.AllocGuestLargePage" in h:
+        host.large_pages = bool(h["Mem.AllocGuestLargePage"])
     if "swap_dir" in h:
         host.swap_dir = (p.parent / h["swap_dir"]).resolve()
     specs: list[VMSpec] = []

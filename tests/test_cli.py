@@ -131,7 +131,8 @@ def test_several_vms_with_a_common_salt_in_json(tmp_path):
     src = tmp_path / "t.asm"
     src.write_text("mov rdi, 0x300000; mov rcx, 2048; mov rax, 5; l: mov qword ptr [rdi], rax; add rdi, 8; "
                    "dec rcx; jnz l; mov rcx, 300000; s: dec rcx; jnz s; mov al, 0; out 0xf4, al\n")
-    proc = run_cli("run", str(src), "--vms", "3", "--salt", "x", "--mem", "4M", "--share-scan-time", "0.0001",
+    proc = run_cli("run", str(src), "--vms", "3", "--salt", "x", "--mem", "4M", "--no-large-pages",
+                   "--share-scan-time", "0.0001",
                    "--share-rate-max", "1000000", "--json")
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
@@ -188,7 +189,7 @@ def test_map_draws_the_three_address_spaces(tmp_path):
 
 def test_map_shows_a_frame_shared_across_vms(tmp_path):
     out = tmp_path / "m.svg"
-    proc = run_cli("map", str(GUESTS / "dedup.asm"), "--vms", "2", "--salt", "s", "--mem", "8M",
+    proc = run_cli("map", str(GUESTS / "dedup.asm"), "--vms", "2", "--salt", "s", "--mem", "8M", "--no-large-pages",
                    "--share-scan-time", "0.001", "--share-rate-max", "10000000", "--svg", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()

@@ -22,6 +22,7 @@ import numpy as np
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
+LARGE_FRAMES = 512  # a 2 MiB page: 512 contiguous, 2 MiB-aligned 4 KiB frames
 
 OWNER_FREE = -1
 OWNER_VMM = 0  # VMs are numbered from 1
@@ -62,6 +63,8 @@ class MachinePool:
         self.refcount[ZERO_FRAME] = 1
         self.allocs = 0
         self.frees = 0
+        self.large_allocs = 0
+        self.large_misses = 0   # no free aligned 2 MiB run: the caller fell back to 4 KiB
         # Frames some vCPU fetched instructions from. Unicorn keys translated code by
         # machine address and does not notice the VMM rewriting a frame (ENGINE-NOTES
         # 3.3), so such a frame, once freed, waits in quarantine until every vCPU has
@@ -109,6 +112,34 @@ class MachinePool:
         self.owner[frame] = owner
         self.allocs += 1
         return frame
+
+    def alloc_large(self, owner: int) -> int:
+        """Take 512 contiguous, 2 MiB-aligned free frames (zeroed, refcount 1 each).
+
+        Returns the first frame, or -1 when no such run is free — the caller backs the
+        range with 4 KiB frames instead (ESXi backs guest memory with large pages *when
+        possible*). Never launders or reclaims for a large page: fragmentation is not an
+        out-of-memory condition.
+        """
+        n = self.nframes - self.nframes % LARGE_FRAMES
+        if n == 0:
+            return -1
+        # Free and not quarantined (a quarantined frame is free but may still hold code).
+        ok = (self.owner[:n] == OWNER_FREE) & ~self.fetched[:n]
+        runs = np.flatnonzero(ok.reshape(-1, LARGE_FRAMES).all(axis=1))
+        if not len(runs):
+            self.large_misses += 1
+            return -1
+        first = int(runs[-1]) * LARGE_FRAMES
+        end = first + LARGE_FRAMES
+        self._free = [f for f in self._free if not first <= f < end]
+        off = first << PAGE_SHIFT
+        self.buf[off:off + LARGE_FRAMES * PAGE_SIZE] = bytes(LARGE_FRAMES * PAGE_SIZE)
+        self.refcount[first:end] = 1
+        self.owner[first:end] = owner
+        self.allocs += LARGE_FRAMES
+        self.large_allocs += 1
+        return first
 
     def launder(self) -> None:
         """Drop every vCPU's translated code and free the quarantined frames.

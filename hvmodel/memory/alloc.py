@@ -117,8 +117,7 @@ class ActivitySampler:
         p2m = vm.p2m
         npages = p2m.npages
         self.chosen = rng.choice(npages, size=min(self.samples, npages), replace=False)
-        p2m.watch = {int(g) for g in self.chosen}
-        p2m.watch_touched = set()
+        p2m.set_watch({int(g) for g in self.chosen})
         for g in p2m.watch:
             p2m.changed(g)
 
@@ -128,8 +127,8 @@ class ActivitySampler:
             return self.estimate
         p2m = vm.p2m
         touched = len(p2m.watch_touched)
-        p2m.watch = set()
-        p2m.watch_touched = set()
+        # The watch stays until the next begin() replaces it: ending and beginning
+        # in one step keeps large pages that stay watched split (memory/p2m.set_watch).
         f = touched / len(self.chosen)
         self.last = f
         self.fast += self.fast_alpha * (f - self.fast)

@@ -12,6 +12,11 @@ looks it up under the VM's salt:
   match, the hinted page's frame becomes the shared frame and this page maps it;
 * nothing: this page becomes the hint. Hints are not write-protected (ESX).
 
+Large pages: the 4 KiB pages of a 2 MiB page are hashed like any other, but while
+the host is in the ``high`` state (``break_large`` false) nothing in a large page is
+shared — a match is only counted (``lpage_shareable``). From ``clear`` on, a match
+breaks the large page (p2m.break_large) and the page is shared (ESXi 5.5+).
+
 An all-zero page is mapped to the host's zero frame. A write to a shared page breaks
 sharing in the p2m (a private copy; every cached translation of that page is
 invalidated through the p2m's listeners).
@@ -75,6 +80,7 @@ class PageSharing:
         self.last_hash: dict[tuple, int] = {}       # (vm id, gfn) -> hash at the previous visit
         self.cursor: dict[int, int] = {}            # vm id -> next gfn to visit
         self.credit: dict[int, float] = {}          # vm id -> pages the scan rate allows now
+        self.break_large = False   # the host sets it outside the high state
         # Counters.
         self.pages_scanned = 0
         self.collisions = 0
@@ -82,6 +88,7 @@ class PageSharing:
         self.full_scans = 0
         self.zero_shares = 0
         self.shares = 0
+        self.lpage_shareable = 0   # matches found in large pages while they may not be broken
 
     # -- salts ------------------------------------------------------------------------
 
@@ -115,7 +122,8 @@ class PageSharing:
         salt = self.salt_of(vm)
         shared = 0
         mv = self.pool.mv
-        state, value = p2m.state, p2m.value
+        state, value, large = p2m.state, p2m.value, p2m.large
+        keep_large = not self.break_large
         for _ in range(min(npages, total)):
             gfn = cur
             cur += 1
@@ -133,7 +141,11 @@ class PageSharing:
             self.last_hash[(vm.id, gfn)] = h
             if prev is not None and prev != h:
                 self.pages_volatile += 1
+            held = keep_large and large[gfn >> 9]  # a piece of a 2 MiB page that must stay whole
             if h == ZERO_HASH and page == ZERO_PAGE:
+                if held:
+                    self.lpage_shareable += 1
+                    continue
                 p2m.share(gfn, ZERO_FRAME)
                 self.zero_shares += 1
                 shared += 1
@@ -143,6 +155,9 @@ class PageSharing:
             if target is not None:
                 toff = target << PAGE_SHIFT
                 if mv[toff:toff + PAGE_SIZE] == page:
+                    if held:
+                        self.lpage_shareable += 1
+                        continue
                     p2m.share(gfn, target)
                     self.mappers[target].append((p2m, gfn))
                     self.shares += 1
@@ -153,6 +168,9 @@ class PageSharing:
             hint = self.hints.get(key)
             if hint is not None and hint[0] is vm and hint[1] == gfn:
                 continue  # its own hint from an earlier pass: still unmatched
+            if hint is not None and (held or keep_large and hint[0].p2m.large[hint[1] >> 9]):
+                self.lpage_shareable += 1  # a match, but one side is a large page in high
+                continue
             if hint is not None and self._promote(hint, key, page):
                 target = self.shared[key]
                 p2m.share(gfn, target)
@@ -233,5 +251,6 @@ class PageSharing:
             "full_scans": self.full_scans,
             "pages_scanned": self.pages_scanned,
             "hash_collisions": self.collisions,
+            "lpage_shareable": self.lpage_shareable,
             "general_profit": (pages_sharing + zero) * PAGE_SIZE - items * RMAP_ITEM_BYTES,
         }

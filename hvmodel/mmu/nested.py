@@ -18,15 +18,27 @@ with the p2m by the same listener that zaps EPT leaves. A hit costs no memory
 reference in the nested dimension, so a warm 4 KiB walk makes 4 references (the
 guest entries) instead of 24; ``walk_refs`` counts only what misses it.
 
+Large pages: a 2 MiB range the p2m backs with a 2 MiB machine page (512 contiguous,
+aligned frames) gets one EPT 2 MiB leaf (bit 7, PS, at level 2): the nested walk of any
+GPA in it takes 3 references instead of 4, so a cold 2D walk of a 4 KiB guest page
+whose tables and data all lie in large pages costs (4 + 1) · (3 + 1) − 1 = 19. While
+active-memory sampling watches pages of a large range, or a p2m change touches one page
+of it (the host broke the large page), the 2 MiB leaf is *split in place* into a table
+of 512 4 KiB leaves with the same frames and bits (KVM's eager page split), and only the
+page concerned loses its leaf — a sampled page faults on its own, not with its 511
+neighbours. When sampling stops watching a range that is still a large page, the table
+is dropped and the next access maps 2 MiB again.
+
 EPT entry bits (Intel SDM vol. 3 §29.3.2): R, W, X in bits 0-2, memory type in
-5:3 of a leaf (WB = 6), A in bit 8, D in bit 9, address in 51:12. Write is granted
+5:3 of a leaf (WB = 6), PS in bit 7 of a level-2/3 entry, A in bit 8, D in bit 9,
+address in 51:12. Write is granted
 to the guest's TLB only when the leaf is already dirty or the access is a write,
 so the first write to every page reaches the VMM: that is the dirty log.
 """
 
 from __future__ import annotations
 
-from ..machine.pool import OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
+from ..machine.pool import LARGE_FRAMES, OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, HostOutOfMemory, MachinePool
 from .p2m import P2M
 from .walk import ACC_WRITE, ADDR_MASK, PERM_RWX, PERM_W, PERM_X, WALK_LARGE, walk
 
@@ -35,6 +47,7 @@ EPT_W = 1 << 1
 EPT_X = 1 << 2
 EPT_RWX = EPT_R | EPT_W | EPT_X
 EPT_MT_WB = 6 << 3
+EPT_PS = 1 << 7
 EPT_A = 1 << 8
 EPT_D = 1 << 9
 
@@ -52,7 +65,7 @@ class NestedMMU:
         self.p2m = p2m
         self.pool = pool
         self.q = pool.q
-        self.table_frames: list[int] = []
+        self.table_frames: set[int] = set()
         self.root = self._new_table()
         # The nested TLB: slot = gfn & mask; tag = gfn, value = index of its EPT leaf.
         self.ntlb_on = ntlb_entries > 0
@@ -64,10 +77,13 @@ class NestedMMU:
         self.walk_refs = 0      # memory references made by the walks (nested TLB misses only)
         self.ntlb_hits = 0
         self.ept_violations = 0
+        self.large_leaves = 0   # 2 MiB leaves installed
+        self.large_splits = 0   # 2 MiB leaves split into 4 KiB tables
         # Set when a present leaf was replaced by another frame: Unicorn's TLB of
         # every vCPU of this VM may hold the old one and must be flushed.
         self.flush_pending = False
         p2m.listeners.append(self.zap)
+        p2m.watch_listeners.append(self.collapse)
 
     # -- the fill path ----------------------------------------------------------
 
@@ -112,8 +128,8 @@ class NestedMMU:
             self.ntlb_hits += 1
             idx = self.ntlb_idx[slot]
         else:
-            self.walk_refs += NESTED_LEVELS
             idx = self._leaf_index(gfn)
+            self.walk_refs += NESTED_LEVELS - 1 if idx >= 0 and q[idx] & EPT_PS else NESTED_LEVELS
             if idx >= 0 and self.ntlb_on:
                 self.ntlb_tag[slot] = gfn
                 self.ntlb_idx[slot] = idx
@@ -123,26 +139,42 @@ class NestedMMU:
                 want = e | EPT_A | (EPT_D if write else 0)
                 if want != e:
                     q[idx] = want
+                if want & EPT_PS:  # the 4 KiB piece of a 2 MiB leaf
+                    return want + ((gfn & (LARGE_FRAMES - 1)) << PAGE_SHIFT)
                 return want
         return self._violation(gfn, write)
 
     def _leaf_index(self, gfn: int) -> int:
-        """Index into the pool's qword view of gfn's EPT leaf slot, or -1 if unmapped."""
+        """Index into the pool's qword view of gfn's EPT leaf slot (a 4 KiB slot, or the
+        2 MiB leaf that covers it), or -1 if unmapped."""
         q = self.q
         table = self.root << PAGE_SHIFT
-        for shift in (27, 18, 9):
+        for shift in (27, 18):
             e = q[(table | ((gfn >> shift) & 0x1FF) << 3) >> 3]
             if not e & EPT_RWX:
                 return -1
             table = e & ADDR_MASK
-        return (table | (gfn & 0x1FF) << 3) >> 3
+        i = (table | ((gfn >> 9) & 0x1FF) << 3) >> 3
+        e = q[i]
+        if e & EPT_PS:
+            return i
+        if not e & EPT_RWX:
+            return -1
+        return ((e & ADDR_MASK) | (gfn & 0x1FF) << 3) >> 3
 
     def _violation(self, gfn: int, write: bool) -> int:
         """EPT violation exit: ask the p2m, install the leaf, return it."""
         self.ept_violations += 1
         # An untouched page read maps the zero frame read-only; a write allocates.
-        frame, writable = self.p2m.map_for(gfn, write)
-        self.p2m.note_mapped(gfn)
+        p2m = self.p2m
+        frame, writable = p2m.map_for(gfn, write)
+        p2m.note_mapped(gfn)
+        region = gfn >> 9
+        if p2m.large[region]:
+            l2 = self.q[self._l2_slot(gfn)]
+            watched = region in p2m.watch_regions
+            if not watched or not l2 & EPT_RWX or l2 & EPT_PS:
+                return self._map_large(gfn, write, watched)
         idx = self._slot(gfn)
         old = self.q[idx]
         if old & EPT_RWX and (old & ADDR_MASK) >> PAGE_SHIFT != frame:
@@ -155,23 +187,97 @@ class NestedMMU:
         self.q[idx] = leaf
         return leaf
 
-    def _slot(self, gfn: int) -> int:
-        """The leaf slot for gfn, creating intermediate tables on the way."""
+    def _map_large(self, gfn: int, write: bool, watched: bool) -> int:
+        """Install the 2 MiB leaf for gfn's large page; return gfn's piece of it.
+
+        In a range sampling watches, the leaf is split at once and the other watched
+        pages lose their 4 KiB leaves, so each still faults on its own first access."""
+        i = self._l2_slot(gfn)
+        e = self.q[i]
+        if e & EPT_RWX and not e & EPT_PS:
+            self._drop_table(i)  # 4 KiB leaves from before (sampling, a zero-page read)
+        first = int(self.p2m.value[gfn & ~(LARGE_FRAMES - 1)])
+        leaf = (first << PAGE_SHIFT) | EPT_PS | EPT_RWX | EPT_MT_WB | EPT_A | (EPT_D if write else 0)
+        if e & EPT_RWX and (e & ADDR_MASK) >> PAGE_SHIFT != first:
+            self.flush_pending = True
+        self.q[i] = leaf
+        self.large_leaves += 1
+        if watched and self._split_large(i, gfn >> 9):
+            region = gfn >> 9
+            for g in self.p2m.watch:
+                if g >> 9 == region and g != gfn:
+                    self.q[self._leaf_index(g)] = 0
+        return leaf + ((gfn & (LARGE_FRAMES - 1)) << PAGE_SHIFT)
+
+    def _l2_slot(self, gfn: int) -> int:
+        """The level-2 slot for gfn (where a 2 MiB leaf goes), creating tables above it."""
         q = self.q
         table = self.root << PAGE_SHIFT
-        for shift in (27, 18, 9):
+        for shift in (27, 18):
             i = (table | ((gfn >> shift) & 0x1FF) << 3) >> 3
             e = q[i]
             if not e & EPT_RWX:
                 e = (self._new_table() << PAGE_SHIFT) | EPT_RWX
                 q[i] = e
             table = e & ADDR_MASK
-        return (table | (gfn & 0x1FF) << 3) >> 3
+        return (table | ((gfn >> 9) & 0x1FF) << 3) >> 3
+
+    def _slot(self, gfn: int) -> int:
+        """The 4 KiB leaf slot for gfn, creating intermediate tables on the way."""
+        q = self.q
+        i = self._l2_slot(gfn)
+        e = q[i]
+        if e & EPT_PS:
+            self._drop_large(i, gfn >> 9)  # no longer mapped 2 MiB (sampling watches it)
+            e = 0
+        if not e & EPT_RWX:
+            e = (self._new_table() << PAGE_SHIFT) | EPT_RWX
+            q[i] = e
+        return ((e & ADDR_MASK) | (gfn & 0x1FF) << 3) >> 3
 
     def _new_table(self) -> int:
         frame = self.pool.alloc(OWNER_VMM)
-        self.table_frames.append(frame)
+        self.table_frames.add(frame)
         return frame
+
+    def _drop_table(self, i: int) -> None:
+        """Free the 4 KiB leaf table the level-2 slot ``i`` points to."""
+        frame = (self.q[i] & ADDR_MASK) >> PAGE_SHIFT
+        self.q[i] = 0
+        self.table_frames.discard(frame)
+        self.pool.put(frame)
+        self._ntlb_drop_region(None)
+        self.flush_pending = True
+
+    def _drop_large(self, i: int, region: int) -> None:
+        self.q[i] = 0
+        self._ntlb_drop_region(region)
+        self.flush_pending = True
+
+    def _ntlb_drop_region(self, region: int | None) -> None:
+        # Nested-TLB slots hold entry indices: those inside a 2 MiB leaf or a dropped
+        # table would now point at something else (INVEPT for the range; all if None).
+        tag = self.ntlb_tag
+        for s, g in enumerate(tag):
+            if g >= 0 and (region is None or g >> 9 == region):
+                tag[s] = -1
+
+    def collapse(self, region: int) -> None:
+        """p2m watch listener: sampling stopped watching ``region``; if it is a large page
+        mapped by 4 KiB leaves, drop them so the next access maps it 2 MiB again."""
+        if not self.p2m.large[region]:
+            return
+        gfn = region << 9
+        table = self.root << PAGE_SHIFT
+        q = self.q
+        for shift in (27, 18):
+            e = q[(table | ((gfn >> shift) & 0x1FF) << 3) >> 3]
+            if not e & EPT_RWX:
+                return
+            table = e & ADDR_MASK
+        i = (table | ((gfn >> 9) & 0x1FF) << 3) >> 3
+        if q[i] & EPT_RWX and not q[i] & EPT_PS:
+            self._drop_table(i)
 
     # -- coherence with the p2m -------------------------------------------------------
 
@@ -199,19 +305,51 @@ class NestedMMU:
         self.ntlb_tag = [-1] * len(self.ntlb_tag)
 
     def zap(self, gfn: int) -> None:
-        """Drop gfn's leaf (p2m listener): the next access takes a violation."""
+        """Drop gfn's leaf (p2m listener): the next access takes a violation.
+
+        A 2 MiB leaf goes as a whole (the host broke the large page, or sampling
+        wants one of its pages to fault on its own)."""
         slot = gfn & self.ntlb_mask
         if self.ntlb_tag[slot] == gfn:
             self.ntlb_tag[slot] = -1  # INVEPT for this translation
         idx = self._leaf_index(gfn)
         if idx >= 0 and self.q[idx]:
+            if self.q[idx] & EPT_PS:
+                if not self._split_large(idx, gfn >> 9):
+                    return
+                idx = self._leaf_index(gfn)
             self.q[idx] = 0
             self.flush_pending = True
 
+    def _split_large(self, i: int, region: int) -> bool:
+        """Replace the 2 MiB leaf at level-2 slot ``i`` by a table of 512 equivalent 4 KiB
+        leaves; False if no frame was free for the table (the 2 MiB leaf is dropped instead)."""
+        q = self.q
+        e = q[i]
+        try:
+            table = self._new_table()
+        except HostOutOfMemory:
+            self._drop_large(i, region)
+            return False
+        bits = e & (EPT_RWX | EPT_MT_WB | EPT_A | EPT_D)
+        first = e & ADDR_MASK
+        base = table << (PAGE_SHIFT - 3)
+        for k in range(LARGE_FRAMES):
+            q[base + k] = (first + (k << PAGE_SHIFT)) | bits
+        q[i] = (table << PAGE_SHIFT) | EPT_RWX
+        self._ntlb_drop_region(region)
+        self.large_splits += 1
+        return True
+
     def lookup(self, gfn: int) -> int:
-        """The leaf for gfn without side effects (0 if none): for reports and tests."""
+        """The leaf for gfn without side effects (0 if none): for reports and tests.
+
+        For a page inside a 2 MiB leaf: that leaf with the page's own frame in it."""
         idx = self._leaf_index(gfn)
-        return self.q[idx] if idx >= 0 else 0
+        if idx < 0:
+            return 0
+        e = self.q[idx]
+        return e + ((gfn & (LARGE_FRAMES - 1)) << PAGE_SHIFT) if e & EPT_PS else e
 
     def on_exit(self) -> None:
         """Nothing deferred to finish (the shadow MMU processes traced writes here)."""
@@ -235,6 +373,8 @@ class NestedMMU:
             "ntlb_hits": self.ntlb_hits,
             "ept_violations": self.ept_violations,
             "nested_table_frames": len(self.table_frames),
+            "ept_large_leaves": self.large_leaves,
+            "ept_large_splits": self.large_splits,
         }
 
     def release(self) -> None:

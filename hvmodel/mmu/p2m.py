@@ -21,6 +21,16 @@ COMPRESSED contents in the VM's compression cache                    handle
 BALLOONED  given to the balloon driver; frame freed                  —
 MMIO       an emulated device page (no frame; accesses trap)         device id
 ========== ========================================================= =========
+
+Large pages (ESXi's ``Mem.AllocGuestLargePage``): the first write to an untouched,
+2 MiB-aligned range of guest memory backs the whole range with a 2 MiB machine page
+(512 contiguous, aligned frames) when the pool has one and the host allows it
+(``large_ok``, which the host clears outside the ``high`` state). Every page of the
+range is then PRIVATE with its own frame, and ``large[region]`` says the 512 frames
+form one 2 MiB page, which the MMUs may map with one 2 MiB leaf. Anything that must
+treat one 4 KiB page on its own — sharing it, swapping or compressing it, ballooning
+it — first *breaks* the large page (``break_large``): the frames stay where they are,
+the MMUs drop their 2 MiB mappings.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..machine.pool import PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, HostOutOfMemory, MachinePool
+from ..machine.pool import LARGE_FRAMES, PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, HostOutOfMemory, MachinePool
 from ..machine.swap import SwapDevice, SwapError
 
 
@@ -42,6 +52,16 @@ class P2MState(IntEnum):
     COMPRESSED = 4
     BALLOONED = 5
     MMIO = 6
+
+
+class AllocationBlocked(RuntimeError):
+    """The host is in the ``low`` state and this VM is above its target: its allocation
+    waits until memory is freed. The vCPU ends its slice without any guest-visible event
+    (a refused fill restarts the instruction) and the host runs it again later."""
+
+    def __init__(self, gfn: int) -> None:
+        super().__init__(f"allocation for guest page {gfn:#x} blocked (host memory state low)")
+        self.gfn = gfn
 
 
 class GuestMemoryError(RuntimeError):
@@ -67,6 +87,12 @@ class P2M:
         self.state = np.zeros(npages, dtype=np.uint8)
         self.value = np.zeros(npages, dtype=np.int64)
         self.generation = 0
+        # Large pages: one flag per 2 MiB region (only whole regions inside guest memory).
+        self.large = np.zeros((npages + LARGE_FRAMES - 1) // LARGE_FRAMES, dtype=np.bool_)
+        self.large_enabled = False   # this VM may get large pages (VM config)
+        self.large_ok = True         # the host allows new ones now (its memory state is high)
+        # Host hook: blocked(p2m) is true while this VM's allocations must wait (state low).
+        self.blocked: Callable[["P2M"], bool] | None = None
         # Called as listener(gfn) after the gfn's frame or rights changed.
         self.listeners: list[Callable[[int], None]] = []
         # The VM's swap file, when it has one (the host creates it at power-on), and its
@@ -84,12 +110,18 @@ class P2M:
         # those an MMU had to map again since their translations were invalidated.
         self.watch: set[int] = set()
         self.watch_touched: set[int] = set()
+        self.watch_regions: set[int] = set()   # 2 MiB regions holding watched gfns
+        # Called as listener(region) when sampling stops watching pages of that region.
+        self.watch_listeners: list[Callable[[int], None]] = []
         # esxtop-style counters this layer owns.
         self.first_touches = 0
         self.cow_breaks = 0
         self.swap_ins = 0
         self.swap_outs = 0
         self.balloon_violations = 0
+        self.large_pages_backed = 0   # 2 MiB pages allocated for this VM
+        self.large_breaks = 0         # 2 MiB pages broken into 4 KiB pages
+        self.allocs_blocked = 0       # allocations that waited (host state low)
 
     # -- queries --------------------------------------------------------------------
 
@@ -128,10 +160,14 @@ class P2M:
         if len(recent) > 8:
             del recent[0]
         if st == P2MState.UNBACKED:
+            self.first_touches += 1
+            if self.large_enabled and self.large_ok:
+                frame = self._alloc_large(gfn)
+                if frame >= 0:
+                    return frame, True
             frame = self._alloc(gfn)
             self.value[gfn] = frame
             self.state[gfn] = P2MState.PRIVATE
-            self.first_touches += 1
             return frame, True
         if st == P2MState.SHARED:
             frame = int(self.value[gfn])
@@ -152,8 +188,47 @@ class P2M:
             return frame, True
         raise GuestMemoryError(gfn, f"state {P2MState(st).name} cannot be resolved yet")
 
+    def _alloc_large(self, gfn: int) -> int:
+        """Back gfn's whole 2 MiB region with a large page if it is untouched; gfn's frame or -1."""
+        region = gfn // LARGE_FRAMES
+        lo = region * LARGE_FRAMES
+        hi = lo + LARGE_FRAMES
+        if hi > self.npages or (self.state[lo:hi] != P2MState.UNBACKED).any():
+            return -1
+        first = self.pool.alloc_large(self.owner)
+        if first < 0:
+            return -1
+        self.value[lo:hi] = np.arange(first, first + LARGE_FRAMES)
+        self.state[lo:hi] = P2MState.PRIVATE
+        self.large[region] = True
+        self.large_pages_backed += 1
+        # Reads may have mapped pages of the range to the zero frame: those go.
+        for g in range(lo, hi):
+            self.changed(g)
+        return first + (gfn - lo)
+
+    def break_large(self, region: int) -> None:
+        """Break a 2 MiB page into 512 ordinary pages (same frames; 2 MiB mappings dropped)."""
+        if not self.large[region]:
+            return
+        self.large[region] = False
+        self.large_breaks += 1
+        self.changed(region * LARGE_FRAMES)
+
+    def _split(self, gfn: int) -> None:
+        # Whatever is about to happen to gfn alone needs it out of any large page.
+        if self.large[gfn // LARGE_FRAMES]:
+            self.break_large(gfn // LARGE_FRAMES)
+
+    def large_count(self) -> int:
+        """2 MiB pages currently backing this VM."""
+        return int(np.count_nonzero(self.large))
+
     def _alloc(self, gfn: int) -> int:
         pool = self.pool
+        if self.blocked is not None and self.blocked(self):
+            self.allocs_blocked += 1
+            raise AllocationBlocked(gfn)
         try:
             return pool.alloc(self.owner)
         except HostOutOfMemory as e:
@@ -232,6 +307,7 @@ class P2M:
         Returns "zip" or "swap". A full compression cache first sends its least recently
         used page to the swap file (ESXi).
         """
+        self._split(gfn)
         if self.zip is None:
             self.swap_out(gfn)
             return "swap"
@@ -271,6 +347,7 @@ class P2M:
     def share(self, gfn: int, frame: int) -> None:
         """Map ``gfn`` to the shared (copy-on-write) ``frame``, dropping its own frame."""
         pool = self.pool
+        self._split(gfn)
         old = int(self.value[gfn])
         if frame != ZERO_FRAME:
             pool.get(frame)
@@ -282,6 +359,7 @@ class P2M:
 
     def share_in_place(self, gfn: int) -> None:
         """``gfn``'s own frame becomes a shared, read-only frame (the first sharer)."""
+        self._split(gfn)
         self.pool.cow[int(self.value[gfn])] = True
         self.state[gfn] = P2MState.SHARED
         self.changed(gfn)
@@ -293,6 +371,7 @@ class P2M:
         """
         if gfn >= self.npages or self.state[gfn] == P2MState.BALLOONED:
             return False
+        self._split(gfn)
         st = self.state[gfn]
         old = int(self.value[gfn])
         self.state[gfn] = P2MState.BALLOONED
@@ -319,6 +398,7 @@ class P2M:
         """Write a private page to the swap file and free its frame."""
         if self.state[gfn] != P2MState.PRIVATE:
             raise ValueError(f"gfn {gfn:#x} is not private")
+        self._split(gfn)
         frame = int(self.value[gfn])
         off = frame << PAGE_SHIFT
         try:
@@ -379,6 +459,19 @@ class P2M:
 
     # -- changes ------------------------------------------------------------------------
 
+    def set_watch(self, gfns: set[int]) -> None:
+        """Active-memory sampling: watch ``gfns`` this period (empty: stop watching).
+
+        Regions that stop being watched are announced, so an MMU can map a large page
+        whole again."""
+        old = self.watch_regions
+        self.watch = gfns
+        self.watch_touched = set()
+        self.watch_regions = {g // LARGE_FRAMES for g in gfns}
+        for region in old - self.watch_regions:
+            for cb in self.watch_listeners:
+                cb(region)
+
     def note_mapped(self, gfn: int) -> None:
         """An MMU (re)established a translation of ``gfn`` (its slow path)."""
         if gfn in self.watch:
@@ -405,4 +498,5 @@ class P2M:
                 self.swap.free(int(self.value[gfn]))
         self.state[:] = P2MState.UNBACKED
         self.value[:] = 0
+        self.large[:] = False
         self.generation += 1

@@ -47,6 +47,12 @@ the long form):
   of the 4 most recent roots is a fast switch; any other counts as a reload.
 * **Coherence with the p2m**: a p2m change zaps the leaf entries that map the gfn,
   found through the reverse map, and flushes the TLB.
+* **Large pages**: a guest 2 MiB leaf over a range the p2m backs with a 2 MiB machine
+  page is shadowed by one 2 MiB shadow leaf (no direct pages below it), reverse-mapped
+  under the region (key ``~region``) so a change of any page in it — the host breaking
+  the large page, sampling watching one of its pages — drops the whole leaf. While
+  sampling watches pages of the range, it gets a fully populated direct page instead,
+  less the watched pages, so each of those still faults on its own.
 * **Budget**: at most ``max_pages`` shadow pages (KVM: 2 % of guest pages, at least
   64); the least recently used one is evicted (zapped) to make room.
 """
@@ -57,10 +63,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..machine.pool import OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
+from ..machine.pool import LARGE_FRAMES, OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
 from .p2m import P2M
 from .walk import (ACC_WRITE, ADDR_MASK, CTL_PG, PERM_RWX, PERM_W, PTE_A, PTE_D, PTE_NX, PTE_P,
-                   PTE_RW, PTE_US, WALK_1G, WALK_2M, WALK_LARGE, walk)
+                   PTE_PS, PTE_RW, PTE_US, WALK_1G, WALK_2M, WALK_LARGE, walk)
 
 FLOOD_THRESHOLD = 3        # traced writes to a non-leaf table, with no fault using it, before unshadowing
 OOS_AFTER_WRITES = 2       # traced writes to a leaf table before it goes out of sync
@@ -193,6 +199,7 @@ class ShadowMMU:
         self.root_reloads = 0
         self.recent_roots: list[int] = []
         self.guest_walks = 0
+        self.large_leaves = 0
         p2m.listeners.append(self.zap_gfn)
 
     # -- the fill path --------------------------------------------------------------
@@ -300,6 +307,8 @@ class ShadowMMU:
                 dirty = bool(write or e & PTE_D)
                 huge = level == 3
                 base = (e & ADDR_MASK) >> PAGE_SHIFT
+                if level == 2 and self._map_large(sp, idx, slot, base, e, dirty, gfn):
+                    return
                 child = self._link(sp, idx, e, base_gfn=base, level=level - 1, direct=True, dirty=dirty,
                                    huge=huge)
                 sp = child
@@ -317,6 +326,35 @@ class ShadowMMU:
             next_gfn = (e & ADDR_MASK) >> PAGE_SHIFT
             sp = self._link(sp, idx, e, base_gfn=next_gfn, level=level - 1, direct=False, dirty=False)
             self.flood.pop(next_gfn, None)  # used by a fault: not flooding (KVM resets the count)
+
+    def _map_large(self, sp: ShadowPage, idx: int, slot: int, base: int, e: int, dirty: bool,
+                   gfn: int) -> bool:
+        """Shadow a guest 2 MiB leaf with one 2 MiB leaf if a 2 MiB machine page backs it."""
+        p2m = self.p2m
+        region = base // LARGE_FRAMES
+        if region >= len(p2m.large) or not p2m.large[region]:
+            return False
+        if region in p2m.watch_regions:
+            child = self._link(sp, idx, e, base_gfn=base, level=1, direct=True, dirty=dirty)
+            bits = PTE_P | PTE_RW | PTE_US | PTE_A | (PTE_D if dirty else 0)
+            first = (child.frame << PAGE_SHIFT) >> 3
+            watch = p2m.watch
+            for k in range(LARGE_FRAMES):
+                g = base + k
+                if g == gfn or g not in watch:
+                    self._set_leaf(child, k, first + k, g, bits)
+            return True
+        new = (int(p2m.value[base]) << PAGE_SHIFT) | (e & _COPY_BITS) | PTE_PS | PTE_A | \
+            (PTE_D if dirty else 0)
+        if idx in sp.children:
+            self._unlink(sp, idx)   # direct pages from before no longer reached from here
+        old = self.q[slot]
+        if old & PTE_P and (old ^ new) & ADDR_MASK:
+            self.flush_pending = True
+        self.q[slot] = new
+        self._add_leaf(sp, idx, ~region)
+        self.large_leaves += 1
+        return True
 
     def p2m_frame(self, gfn: int) -> int:
         frame = self.p2m.frame_of(gfn)
@@ -535,6 +573,8 @@ class ShadowMMU:
         """p2m listener: gfn's frame or rights changed; drop every leaf that maps it."""
         for sp, idx in list(self.rmap.get(gfn, ())):
             self._zap_entry(sp, idx)
+        for sp, idx in list(self.rmap.get(~(gfn // LARGE_FRAMES), ())):
+            self._zap_entry(sp, idx)   # a 2 MiB leaf over the large page gfn is part of
         if gfn in self.shadowed:
             # A guest table's frame changed (shared, swapped): stop shadowing it; it is
             # shadowed again, from its new frame, at the next walk that uses it.
@@ -548,7 +588,7 @@ class ShadowMMU:
 
     def test_and_clear_accessed(self, gfn: int) -> bool:
         """Was gfn accessed since the last call? (it has shadow leaves; they are zapped)."""
-        if not self.rmap.get(gfn):
+        if not self.rmap.get(gfn) and not self.rmap.get(~(gfn // LARGE_FRAMES)):
             return False
         self.zap_gfn(gfn)
         return True
@@ -581,6 +621,7 @@ class ShadowMMU:
             "root_switches": self.root_switches,
             "root_reloads": self.root_reloads,
             "guest_walks": self.guest_walks,
+            "shadow_large_leaves": self.large_leaves,
         }
 
     def release(self) -> None:

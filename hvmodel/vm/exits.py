@@ -12,6 +12,7 @@ class ExitReason(Enum):
     EXCEPTION = "exception"        # a guest exception to deliver through the IDT
     POWER_OFF = "power_off"        # debug-exit write, `cli; hlt`, shutdown port
     TRIPLE_FAULT = "triple_fault"  # an exception while delivering #DF
+    BLOCKED = "blocked"            # an allocation must wait (host state low); the instruction restarts
     ERROR = "error"                # the VMM cannot continue (host OOM, engine trouble)
 
 

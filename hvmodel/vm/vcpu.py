@@ -23,6 +23,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_IN
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 
+from ..mmu.p2m import AllocationBlocked
 from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_1G, WALK_LARGE, paging_ctl, walk
 from .cpustate import CpuStateEditor, verify_offsets
 from .exits import GP, PF, UD, ExitReason, VmExit
@@ -176,6 +177,12 @@ class VCpu:
                     self.fetched[r >> 12] = True
                 self.invlpg.scan(vaddr, r & ADDR_MASK)
             return True
+        except AllocationBlocked:
+            # Refusing the fill restarts the instruction (x86 faults are precise); no
+            # guest event is recorded, so the next slice simply runs it again.
+            self.pending = VmExit(ExitReason.BLOCKED)
+            self._stop(self.uc)
+            return False
         except BaseException as exc:  # never let an exception unwind through C
             if self.hook_error is None:
                 self.hook_error = exc

@@ -67,6 +67,7 @@ class VMConfig:
     shares: str | int = "normal"         # sched.mem.shares: low / normal / high (5/10/20 per MB) or a number
     reservation: int = 0                 # sched.mem.min in bytes: never reclaimed
     limit: int = 0                       # sched.mem.max in bytes (0: the configured memory)
+    large_pages: bool = True             # Mem.AllocGuestLargePage: back 2 MiB ranges with 2 MiB pages
 
     def validate(self) -> None:
         if self.mmu not in MMU_MODES:
@@ -123,6 +124,7 @@ class VM:
                 raise VMError(f"MMU mode {config.mmu} needs a machine pool")
             self.p2m = P2M(pool, npages, vm_id)
             self.p2m.swap = swap
+            self.p2m.large_enabled = config.large_pages
             if host is not None:
                 host.attach(self.p2m)
             self.ram = self.p2m
@@ -158,6 +160,7 @@ class VM:
             pool.on_launder.append(self._drop_code)
         self.events = EventInjector(self.vcpu)
         self.guest_page_faults = 0
+        self.blocked_exits = 0
         self.exit_status: int | None = None
         self.stop_reason = ""
         self.message = ""
@@ -283,6 +286,8 @@ class VM:
             self._stop("power_off", ex.message, status=ex.status)
         elif r is ExitReason.ERROR:
             self._stop("error", ex.message, status=None)
+        elif r is ExitReason.BLOCKED:
+            self.blocked_exits += 1  # the host runs it again once memory is freed
 
     def _deliver(self, vector: int, error_code: int | None = None, *, cr2: int | None = None,
                  soft: bool = False, external: bool = False) -> None:
@@ -334,6 +339,7 @@ class VM:
             "tlb_fills": v.tlb_fills,
             "tlb_flushes": v.tlb_flushes,
             "guest_page_faults": self.guest_page_faults,
+            "blocked_exits": self.blocked_exits,
             "events_delivered": {vector_name(k): n for k, n in sorted(self.events.delivered.items())},
         }
         if self.p2m is not None:
@@ -373,6 +379,10 @@ class VM:
             "CNSM": round(private + (float(np.sum(1.0 / refs)) if len(refs) else 0.0), 1),
             "OVHD": self.mmu.overhead_frames() + (len(p2m.zip.frames) if p2m.zip is not None else 0),
             "COW_breaks": p2m.cow_breaks,
+            "large_pages": p2m.large_count(),
+            "large_pages_backed": p2m.large_pages_backed,
+            "large_breaks": p2m.large_breaks,
+            "allocs_blocked": p2m.allocs_blocked,
             "ZIPPED": p2m.count(P2MState.COMPRESSED),
             **(p2m.zip.counters() if p2m.zip is not None else {}),
         }

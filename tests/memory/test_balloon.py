@@ -26,7 +26,8 @@ def image():
 
 
 def _run(image, target: int, mem: int = 32 * MIB, **cfg):
-    host = Host(HostConfig(memsize=256 * MIB))
+    # 4 KiB backing, so the host's frame accounting is exact per locked page.
+    host = Host(HostConfig(memsize=256 * MIB, large_pages=False))
     vm = host.power_on(VMConfig(memsize=mem, **cfg), image)
     vm.balloon.target = target
     r = vm.run()

@@ -1,4 +1,7 @@
-"""Transparent page sharing: hashing, hints, zero pages, salts, copy-on-write."""
+"""Transparent page sharing: hashing, hints, zero pages, salts, copy-on-write.
+
+The mechanism is tested on 4 KiB backing (``large_pages=False``): on a host in the
+high state nothing inside a 2 MiB page is shared (tests/memory/test_large_pages.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ IDLE = build("cli; hlt")
 
 
 def host_with(n, salting, salts=None, mmu="nested"):
-    h = Host(HostConfig(memsize=16 << 20, sharing=SharingConfig(force_salting=salting)))
+    h = Host(HostConfig(memsize=16 << 20, sharing=SharingConfig(force_salting=salting), large_pages=False))
     vms = [h.power_on(VMConfig(name=f"v{i}", memsize=2 << 20, mmu=mmu,
                                pshare_salt=(salts[i] if salts else None)), IDLE) for i in range(n)]
     return h, vms
@@ -134,7 +137,7 @@ def test_a_guest_write_breaks_sharing_and_keeps_the_other_copy(mmu):
       out 0xf4, al
     """
     img = build(src)
-    h = Host(HostConfig(memsize=16 << 20, quantum=100_000,
+    h = Host(HostConfig(memsize=16 << 20, quantum=100_000, large_pages=False,
                         sharing=SharingConfig(force_salting=1, scan_time_min=1e-6, rate_max=10**9)))
     vms = [h.power_on(VMConfig(name=f"v{i}", memsize=4 << 20, mmu=mmu, pshare_salt="s", guest_arg=i + 1), img)
            for i in range(2)]
@@ -161,7 +164,8 @@ def test_no_frame_is_mapped_by_two_vms_under_default_salting():
       mov al, 0
       out 0xf4, al
     """)
-    h = Host(HostConfig(memsize=16 << 20, sharing=SharingConfig(scan_time_min=1e-6, rate_max=10**9)))
+    h = Host(HostConfig(memsize=16 << 20, sharing=SharingConfig(scan_time_min=1e-6, rate_max=10**9),
+                        large_pages=False))
     vms = [h.power_on(VMConfig(name=f"v{i}", memsize=4 << 20), img) for i in range(3)]
     h.run()
     owners = {}
