@@ -157,8 +157,11 @@ class Host:
         p2m.large_enabled = p2m.large_enabled and self.config.large_pages
 
     def _blocked(self, p2m: P2M) -> bool:
-        """In the ``low`` state a VM above its target may not allocate until memory is freed."""
-        if self.states.state != "low":
+        """In the ``low`` state a VM above its target may not allocate until memory is freed.
+
+        Asked at every allocation, from free memory *now* (the state can fall inside a
+        slice); a blocked VM stalls until the host's policy has reclaimed memory."""
+        if self.states.update(self.pool.free_frames * PAGE_SIZE) != "low":
             return False
         target = self.targets.get(p2m.owner)
         if target is None:
