@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .guest.image import GuestImage
-from .machine.pool import PAGE_SIZE, MachinePool
+from .machine.pool import PAGE_SIZE, ZERO_FRAME, MachinePool
 from .machine.swap import SwapDevice, SwapError
 from .memory.alloc import ActivitySampler, Claim, shares_of, targets
 from .memory.compress import CompressionCache
@@ -166,8 +166,7 @@ class Host:
         target = self.targets.get(p2m.owner)
         if target is None:
             return False
-        st = p2m.state
-        return int(np.count_nonzero((st == P2MState.PRIVATE) | (st == P2MState.SHARED))) > target
+        return self._consumed(p2m) > target
 
     # -- running ----------------------------------------------------------------------
 
@@ -259,9 +258,16 @@ class Host:
             self.next_sample[vm.id] = vm.clock() + period
 
     def consumed(self, vm: VM) -> int:
-        """Machine pages the VM holds (a shared frame counts once per user, like ESXi's GRANT)."""
-        st = vm.p2m.state
-        return int(np.count_nonzero((st == P2MState.PRIVATE) | (st == P2MState.SHARED)))
+        """Machine pages the VM holds: private ones, and shared ones except those mapping the
+        zero frame (a shared frame counts once per user; a zero page costs nothing)."""
+        return self._consumed(vm.p2m)
+
+    @staticmethod
+    def _consumed(p2m: P2M) -> int:
+        st = p2m.state
+        shared = st == P2MState.SHARED
+        return int(np.count_nonzero(st == P2MState.PRIVATE)) + \
+            int(np.count_nonzero(shared & (p2m.value != ZERO_FRAME)))
 
     def _compute_targets(self) -> None:
         """Proportional-share targets with the idle memory tax (memory/alloc.py)."""
@@ -277,7 +283,8 @@ class Host:
             claims.append(Claim(shares=shares_of(v.config.shares, mb),
                                 active=s.estimate if s is not None else 1.0,
                                 reservation=v.config.reservation // PAGE_SIZE,
-                                limit=(v.config.limit or v.config.memsize) // PAGE_SIZE))
+                                limit=(v.config.limit or v.config.memsize) // PAGE_SIZE,
+                                size=v.p2m.npages))
         for v, t in zip(vms, targets(claims, max(0, available), self.config.idle_tax_pct / 100)):
             self.targets[v.id] = t
 
@@ -340,7 +347,7 @@ class Host:
     def _record(self) -> None:
         """One point of the timeline per round-robin round (plots, reports)."""
         point = {"time_s": max((v.clock() for v in self.vms), default=0) * NS_PER_INSN * 1e-9,
-                 "state": self.states.state, "free": self.pool.free_frames, "vms": {}}
+                 "state": self.states.take_worst(), "free": self.pool.free_frames, "vms": {}}
         for v in self.vms:
             if v.p2m is None:
                 continue

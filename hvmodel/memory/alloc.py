@@ -9,8 +9,16 @@ ESX's proportional-share allocation (Waldspurger, OSDI 2002):
   k = 1 / (1 − τ) and active fraction f, a VM's shares-per-page ratio is
   ρ = S / (P · (f + k (1 − f)));
 * **min-funding revocation** takes memory from the VM with the lowest ρ. Repeated
-  until the host fits, that equalises ρ, so the targets are P_i ∝ S_i / (f_i + k(1 − f_i)),
+  until the host fits, that equalises ρ: the targets are where every VM's ρ is the same,
   clamped to [reservation, limit] by water-filling.
+
+How f and P relate (a reading of the paper, documented because it matters): sampling
+measures the active fraction of the VM's *guest memory*, so a VM has A = f_sampled ·
+(configured pages) active pages whatever it is given; of an allocation P the active
+fraction is f = A / P (1 if P ≤ A). Then ρ(P) = S / (A + k(P − A)) for P ≥ A and S / P
+below, and the P that gives a level ρ = 1/λ is P = Sλ while Sλ ≤ A, else A + (Sλ − A)/k:
+active pages are paid for at 1, idle ones at k. (Treating f as a constant fraction of
+any P would tax a busy VM's untouched memory as if it were part of what it uses.)
 
 The active fraction comes from **statistical sampling**: each period, n random guest
 pages have their translations invalidated; the fraction touched again by the end of
@@ -58,9 +66,10 @@ class Claim:
     """What the allocator knows about one VM (sizes in pages)."""
 
     shares: float
-    active: float            # estimated active fraction f in [0, 1]
+    active: float            # estimated active fraction of its guest memory, in [0, 1]
     reservation: int = 0
     limit: int = 0           # maximum pages (its memsize, or sched.mem.max)
+    size: int = 0            # configured pages (0: the limit)
 
 
 def targets(claims: list[Claim], available: int, tau: float = 0.75) -> list[int]:
@@ -69,13 +78,22 @@ def targets(claims: list[Claim], available: int, tau: float = 0.75) -> list[int]
     if not n:
         return []
     k = idle_tax_k(tau)
-    weight = np.array([c.shares / (c.active + k * (1.0 - c.active)) for c in claims], dtype=np.float64)
+    shares = np.array([c.shares for c in claims], dtype=np.float64)
+    act = np.array([c.active * (c.size or c.limit) for c in claims], dtype=np.float64)
     lo = np.array([c.reservation for c in claims], dtype=np.float64)
     hi = np.array([max(c.limit, c.reservation) for c in claims], dtype=np.float64)
-    # Water-filling: find the level λ with Σ clamp(λ·w_i, lo_i, hi_i) = available (the sum
-    # grows with λ, so bisection finds it); every VM not held by a bound gets λ·w_i.
+
+    def alloc(lam: float) -> np.ndarray:
+        # The allocation at which each VM's ρ is 1/λ: S·λ pages while all of them are
+        # active, then one page per k of shares·λ beyond its active pages.
+        x = shares * lam
+        p = np.where(x <= act, x, act + (x - act) / k)
+        return np.clip(p, lo, hi)
+
+    # Water-filling: find the level λ with Σ alloc_i(λ) = available (the sum grows with
+    # λ, so bisection finds it).
     def total(lam: float) -> float:
-        return float(np.clip(lam * weight, lo, hi).sum())
+        return float(alloc(lam).sum())
 
     if total(0.0) >= available:
         out = lo.copy()                      # the reservations alone use everything
@@ -91,7 +109,7 @@ def targets(claims: list[Claim], available: int, tau: float = 0.75) -> list[int]
                 a = m
             else:
                 b = m
-        out = np.clip(b * weight, lo, hi)
+        out = alloc(b)
     return [int(x) for x in np.floor(out + 1e-6)]
 
 

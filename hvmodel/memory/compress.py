@@ -42,6 +42,7 @@ class CompressionCache:
         self.frames: list[int] = []
         self.free_slots: list[tuple[int, int]] = []     # (frame, first slot) of free 1 KiB slots
         self.free_pairs: list[tuple[int, int]] = []     # aligned free pairs (slot 0 or 2 of a frame)
+        self.used: dict[int, int] = {}                   # frame -> slots in use (an empty frame goes back)
         self.entries: OrderedDict[int, tuple] = OrderedDict()   # gfn -> (frame, slot, nslots, length, checksum)
         self.zipped = 0        # pages compressed into the cache
         self.unzipped = 0      # pages decompressed back
@@ -54,6 +55,12 @@ class CompressionCache:
         return sum(e[2] for e in self.entries.values())
 
     def _take(self, nslots: int) -> tuple[int, int] | None:
+        where = self._find(nslots)
+        if where is not None:
+            self.used[where[0]] = self.used.get(where[0], 0) + nslots
+        return where
+
+    def _find(self, nslots: int) -> tuple[int, int] | None:
         if nslots == 1 and self.free_slots:
             return self.free_slots.pop()
         if nslots == 1 and self.free_pairs:
@@ -75,10 +82,18 @@ class CompressionCache:
         return frame, 0
 
     def _give(self, frame: int, slot: int, nslots: int) -> None:
-        if nslots == 2:
-            self.free_pairs.append((frame, slot))
-        else:
-            self.free_slots.append((frame, slot))
+        left = self.used[frame] - nslots
+        if left:
+            self.used[frame] = left
+            (self.free_pairs if nslots == 2 else self.free_slots).append((frame, slot))
+            return
+        # The frame holds nothing any more: it goes back to the pool (the cache shrinks
+        # as pages leave it, so CACHESZ is what the cache really holds).
+        del self.used[frame]
+        self.free_slots = [w for w in self.free_slots if w[0] != frame]
+        self.free_pairs = [w for w in self.free_pairs if w[0] != frame]
+        self.frames.remove(frame)
+        self.pool.put(frame)
 
     # -- pages ------------------------------------------------------------------------------
 
@@ -143,6 +158,7 @@ class CompressionCache:
         self.entries.clear()
         self.free_slots.clear()
         self.free_pairs.clear()
+        self.used.clear()
 
     def counters(self) -> dict[str, int]:
         """esxtop's ZIP view for this VM (pages and slots)."""

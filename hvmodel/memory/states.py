@@ -61,6 +61,7 @@ class MemoryStates:
     hysteresis: float = 0.10
     state: str = "high"
     transitions: int = 0
+    worst: str = "high"      # the lowest state since the last take_worst() (timeline points)
 
     def update(self, free_bytes: int) -> str:
         """Re-evaluate the state for ``free_bytes`` of free machine memory; returns it."""
@@ -77,7 +78,15 @@ class MemoryStates:
         if new != self.state:
             self.transitions += 1
             self.state = new
+            if i > order.index(self.worst):
+                self.worst = new
         return new
+
+    def take_worst(self) -> str:
+        """The lowest state reached since the last call (a state can fall and recover
+        inside one round-robin round); starts again from the current state."""
+        w, self.worst = self.worst, self.state
+        return w
 
     def at_least(self, state: str) -> bool:
         """Is the host in ``state`` or a worse one?"""

@@ -78,6 +78,17 @@ def test_targets_give_idle_memory_to_the_active_vm():
     assert rho(1000, t[0], 1.0, 0.75) == pytest.approx(rho(1000, t[1], 0.0, 0.75))
 
 
+def test_a_partly_active_vm_pays_1_for_its_active_pages_and_k_for_the_rest():
+    # VM 1: 2,000 of its 4,000 pages active; VM 2: idle; 3,000 pages to share.
+    # By hand: at level x = S·λ, P1 = 2000 + (x − 2000)/4 and P2 = x/4; P1 + P2 = 3000
+    # gives x = 3000: P1 = 2250, P2 = 750, and ρ = 1000 / (A + 4 (P − A)) = 1/3 for both.
+    t = targets([Claim(1000, 0.5, 0, 4000), Claim(1000, 0.0, 0, 4000)], available=3000)
+    assert t == [2250, 750]
+    assert 1000 / (2000 + 4 * (t[0] - 2000)) == pytest.approx(1000 / (4 * t[1]))
+    # The same shares per active page at P1 = 2250: f = 2000/2250 in the paper's formula.
+    assert rho(1000, t[0], 2000 / t[0], 0.75) == pytest.approx(rho(1000, t[1], 0.0, 0.75))
+
+
 def test_targets_respect_reservation_and_limit():
     t = targets([Claim(1000, 1.0, 0, 1500), Claim(1000, 0.0, 2000, 10_000)], available=5000)
     assert t[0] == 1500          # limited
