@@ -74,19 +74,20 @@ def test_a_corrupted_swap_slot_stops_the_vm_naming_the_page(tmp_path):
     h = Host(HostConfig(memsize=8 << 20, swap_dir=tmp_path))
     vm = h.power_on(VMConfig(name="hog", memsize=16 << 20), load_guest(GUESTS / "hog.asm"))
     corrupted = []
-    orig = vm.p2m.swap_out
+    swap = vm.p2m.swap
+    orig = swap.write
 
-    def swap_out_then_corrupt(gfn):
-        orig(gfn)
+    def write_then_corrupt(data):
+        slot = orig(data)
         if len(corrupted) < 50:   # damage the data on disk behind the VMM's back
-            slot = int(vm.p2m.value[gfn])
-            os.pwrite(vm.p2m.swap.fd, b"\xff\xff", slot * PAGE_SIZE + 64)
-            corrupted.append(gfn)
-    vm.p2m.swap_out = swap_out_then_corrupt
+            os.pwrite(swap.fd, b"\xff\xff", slot * PAGE_SIZE + 64)
+            corrupted.append(slot)
+        return slot
+    swap.write = write_then_corrupt
     r = h.run()[0]
     assert r.exit_status is None and r.stop_reason == "host_failure"
-    m = re.search(r"guest page (0x[0-9a-f]+) .*checksum", r.message)
-    assert m and int(m.group(1), 16) in corrupted
+    m = re.search(r"guest page (0x[0-9a-f]+) .*swap slot (\d+) fails its checksum", r.message)
+    assert m and int(m.group(2)) in corrupted, r.message
     h.close()
 
 
