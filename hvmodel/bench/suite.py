@@ -71,7 +71,7 @@ def format_table(res: dict[str, dict]) -> str:
         r = res["W5"]
         lines.append(f"W5 {r['title']}: {r['vms']} VMs x {r['pages'] // r['vms']:,} pages, "
                      f"{r['pages_hashed']:,} pages hashed in {r['seconds']:.3f} s = "
-                     f"{r['pages_per_s']:,} pages/s; shared {r['shared_fraction']:.4f} of the pages "
+                     f"{r['pages_per_s']:,} pages/s (hashing alone {r['hash_only_pages_per_s']:,} pages/s); shared {r['shared_fraction']:.4f} of the pages "
                      f"(ideal {r['ideal_fraction']:.4f}, {r['frames_backing']:,} frames back them)")
     if "W6" in res:
         r = res["W6"]
