@@ -56,8 +56,10 @@ def sharing_scan(nvms: int = 8, vm_mem: int = 64 * MIB) -> dict[str, object]:
     """
     pages = vm_mem >> PAGE_SHIFT
     overhead = pages // 512 + 16
+    # Inter-VM sharing (no salt), and 4 KiB backing (Mem.AllocGuestLargePage = 0): in the
+    # high state, as here, ESXi hashes the pieces of 2 MiB pages but does not share them.
     cfg = HostConfig(memsize=nvms * (pages + overhead) * PAGE_SIZE + 16 * MIB, swap=False,
-                     sharing=SharingConfig(force_salting=0))  # inter-VM sharing (no salt)
+                     sharing=SharingConfig(force_salting=0), large_pages=False)
     data = _content(pages, seed=5)
     with Host(cfg) as host:
         vms = [host.power_on(VMConfig(name=f"w5-{i}", memsize=vm_mem, mmu="nested"), _IDLE)
