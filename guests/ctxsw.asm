@@ -130,6 +130,11 @@ cs_build_page:
     call pic_init
     mov edi, PIT_DIVISOR
     call pit_init
+    # hvmodel bench: the measured region begins (POST code 1 to port 0x80)
+    push rax
+    mov al, 1
+    out 0x80, al
+    pop rax
     # ---- enter process 0
     mov qword ptr [rip + current], 0
     mov rax, qword ptr [rip + proc_cr3]
@@ -151,6 +156,11 @@ cs_map_failed:
 
 # ---- the timer lands here (via timer_handler) after TARGET_SWITCHES: ring 0, IF = 0
 kernel_done:
+    # hvmodel bench: the measured region ends (POST code 2 to port 0x80)
+    push rax
+    mov al, 2
+    out 0x80, al
+    pop rax
     mov eax, PML4_BASE
     mov cr3, rax
     lea rsi, [rip + msg_switches]

@@ -61,6 +61,11 @@ pc_frames:
     call puthex
     call putnl
     # ---- the loop: r12 = iteration, r14 = countdown to the next fault check
+    # hvmodel bench: the measured region begins (POST code 1 to port 0x80)
+    push rax
+    mov al, 1
+    out 0x80, al
+    pop rax
     xor r12d, r12d
     mov r14d, FAULT_EVERY
 pc_loop:
@@ -121,6 +126,11 @@ pc_next:
     inc r12
     cmp r12, ITERS
     jb pc_loop
+    # hvmodel bench: the measured region ends (POST code 2 to port 0x80)
+    push rax
+    mov al, 2
+    out 0x80, al
+    pop rax
     # ---- done
     lea rsi, [rip + msg_iters]
     call puts

@@ -39,6 +39,11 @@ tt_map:
     lea rsi, [rip + msg_mapped]
     call puts
     # ---- passes: r12 = pass, r13 = page, r15 = THRASH_VA
+    # hvmodel bench: the measured region begins (POST code 1 to port 0x80)
+    push rax
+    mov al, 1
+    out 0x80, al
+    pop rax
     movabs r15, THRASH_VA
     movabs r14, TAG_MAGIC
     xor r12d, r12d
@@ -86,6 +91,11 @@ tt_last_page:
     cmp r13, NPAGES
     jb tt_last_page
     inc r12
+    # hvmodel bench: the measured region ends (POST code 2 to port 0x80)
+    push rax
+    mov al, 2
+    out 0x80, al
+    pop rax
     # ---- final check through the 4 KiB mapping and the identity map
     xor r13d, r13d
 tt_verify:

@@ -137,7 +137,24 @@ def _build_parser() -> argparse.ArgumentParser:
     fz.add_argument("--mmu", type=_mode_list, default=list(VMM_MODES),
                     help=f"comma-separated VMM modes (default {','.join(VMM_MODES)})")
     fz.add_argument("--no-shrink", action="store_true", help="report a failure without shrinking it")
+
+    bn = sub.add_parser("bench", help="benchmark the VMM modes against native Unicorn (workloads W1-W6)")
+    bn.add_argument("--quick", action="store_true", help="a smoke run: reduced sizes, one repetition")
+    bn.add_argument("--reps", type=_positive_int, default=None,
+                    help="repetitions per workload and mode (default 5; 1 with --quick)")
+    bn.add_argument("--only", type=_workload_list, default=None, metavar="W1,W2,...",
+                    help="run only these workloads")
+    bn.add_argument("--json", action="store_true", help="print the results as JSON")
     return p
+
+
+def _workload_list(text: str) -> tuple[str, ...]:
+    from .bench import ALL
+    names = tuple(n.strip().upper() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in ALL]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown workload(s) {', '.join(bad) or text!r}; have {', '.join(ALL)}")
+    return names
 
 
 VMM_MODES = tuple(m for m in MMU_MODES if m != "native")
@@ -421,6 +438,18 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import ALL, BenchError, format_table, run_suite
+    from .bench.suite import progress_to_stderr
+    try:
+        res = run_suite(quick=args.quick, reps=args.reps, only=args.only or ALL,
+                        progress=None if args.json else progress_to_stderr)
+    except BenchError as e:
+        raise CliError(f"bench: {e}", 1) from None
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hvmodel`` console script."""
     parser = _build_parser()
@@ -438,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.cmd == "map":
             return cmd_map(args)
+        if args.cmd == "bench":
+            return cmd_bench(args)
     except CliError as e:
         print(f"hvmodel: {e}", file=sys.stderr)
         return e.status

@@ -16,6 +16,15 @@ the instruction runs if that address lies in a 2 MiB / 1 GiB region from which a
 4 KiB piece was handed to Unicorn since the last flush. Candidates that are not INVLPG (the
 pattern inside other instructions' bytes) only cost a hook call.
 
+Cost: with ``emu_start(count=...)`` every instruction runs Unicorn's code-hook helper,
+which checks the range of every UC_HOOK_CODE hook, so each site hook slows *every*
+instruction, not only the INVLPG (measured: a tight loop of 12 M instructions, 0.155 s
+with the count hook alone, 0.22 s with one more hook anywhere, 0.26 s with five; W1 of
+``hvmodel bench`` pays this). Hooks cannot be armed only while a large-page piece is
+cached: Unicorn decides at translation time whether an instruction calls the hooks, so a
+hook added later misses code already translated (tried: the fuzz regression below
+fails), and dropping translated code from inside a fill hook is unsafe.
+
 Limits (documented, not silently wrong): an INVLPG that straddles two code pages
 is not scanned. Code rewritten in place is rescanned when the VMM drops stale
 translated code, not on a plain guest store.
@@ -23,12 +32,14 @@ translated code, not on a plain guest store.
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING
 
 from capstone import CS_ARCH_X86, CS_MODE_64, CS_OP_MEM, Cs
 from capstone import x86_const as CX
-from unicorn import UC_HOOK_CODE
+from unicorn import UC_HOOK_CODE, UcError
 from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uclib
 
 if TYPE_CHECKING:
     from .vcpu import VCpu
@@ -49,6 +60,12 @@ class InvlpgIntercept:
         self.vcpu = vcpu
         self.scanned: set[tuple[int, int]] = set()   # (guest-virtual page, machine page)
         self.sites: set[int] = set()
+        # Raw ctypes callback and register reads: the binding's wrappers cost a few
+        # microseconds per call, and a site hook runs at every INVLPG the guest does.
+        self._cb = HOOK_CODE_CFUNC(self._on_site_raw)
+        self._cb_ptr = ctypes.cast(self._cb, ctypes.c_void_p)
+        self._reg = ctypes.c_uint64()
+        self._reg_ref = ctypes.byref(self._reg)
         # (address, bytes) -> the memory operand (base, index, scale, disp, segment), or
         # None when the bytes are not an INVLPG after all
         self.decoded: dict[tuple[int, bytes], tuple | None] = {}
@@ -68,14 +85,31 @@ class InvlpgIntercept:
                 site = va_page + i
                 if site not in self.sites:
                     self.sites.add(site)
-                    self.vcpu.uc.hook_add(UC_HOOK_CODE, self._on_site, None, max(va_page, site - 4), site)
+                    self._hook(site, max(va_page, site - 4))  # up to 4 prefix bytes
             i = data.find(b"\x0f\x01", i + 1)
+
+    def _hook(self, site: int, lo: int) -> None:
+        hh = ctypes.c_size_t()
+        err = uclib.uc_hook_add(self.vcpu.h, ctypes.byref(hh), UC_HOOK_CODE, self._cb_ptr, None,
+                                ctypes.c_uint64(lo), ctypes.c_uint64(site))
+        if err:
+            raise UcError(err)
 
     def forget(self) -> None:
         """Code frames were rewritten: scan pages again when they are next fetched."""
         self.scanned.clear()
 
-    def _on_site(self, uc, address: int, size: int, _ud: object) -> None:
+    def _on_site_raw(self, _h: int, address: int, size: int, _ud: int) -> None:
+        try:
+            self._on_site(address, size)
+        except BaseException as exc:  # never let an exception unwind through C
+            self.vcpu._hook_failed(exc)
+
+    def _read(self, rid: int) -> int:
+        uclib.uc_reg_read(self.vcpu.h, rid, self._reg_ref)
+        return self._reg.value
+
+    def _on_site(self, address: int, size: int) -> None:
         try:
             code = self.vcpu.vmem_read(address, size, peek=True)
         except Exception:  # not readable: not ours to judge, the CPU will fault
@@ -92,9 +126,9 @@ class InvlpgIntercept:
         if not (v.large_2m or v.large_1g):
             return
         base, index, scale, disp, seg = operand
-        target = disp + (uc.reg_read(base) if base else 0) + (uc.reg_read(index) * scale if index else 0)
+        target = disp + (self._read(base) if base else 0) + (self._read(index) * scale if index else 0)
         if seg:
-            target += uc.reg_read(seg)
+            target += self._read(seg)
         target &= (1 << 64) - 1
         # Unicorn drops only the 4 KiB entry of the target; the other pieces of a large
         # page around it must go too, and there is no per-page flush (ENGINE-NOTES 2.3).

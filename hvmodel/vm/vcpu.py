@@ -37,6 +37,29 @@ CPU_MODEL = X.UC_CPU_X86_DENVERTON  # NX, SMEP, SMAP, 1 GiB pages, MAXPHYADDR 40
 MSR_EFER = 0xC0000080
 # uc_ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE): the binding has no wrapper (ENGINE-NOTES 2.3).
 _CTL_TLB_FLUSH = (1 << 30) | 11
+# Unicorn's TLB starts at 256 entries per privilege and doubles (up to 2^20) only at a
+# flush that finds it more than 70 % used (ENGINE-NOTES 2.5, re-checked on 2.1.4: 4,096
+# pages written in a loop cost 4,096 fills per pass until 4 flushes later, then 0). A
+# workload that never flushes would thrash 256 entries forever, so the fill hook flushes
+# once fills since the last flush reach twice the size it believes the TLB has.
+_TLB_START = 256
+_TLB_MIN = 64
+_TLB_MAX = 1 << 20
+
+
+def _tlb_size_after_flush(size: int, used: int) -> int:
+    """QEMU's tlb_mmu_resize_locked (accel/tcg/cputlb.c), with ``used`` = fills since the
+    last flush standing in for the entries in use: double above 70 %, shrink below 30 %
+    (QEMU shrinks only once a 100 ms window has passed; assuming it did errs towards an
+    early growth flush, which is cheap)."""
+    if used * 10 > size * 7:
+        return min(2 * size, _TLB_MAX)
+    if used * 10 < size * 3:
+        ceil = 1 << max(0, used - 1).bit_length()
+        if used * 10 > ceil * 7:
+            ceil *= 2
+        return max(ceil, _TLB_MIN)
+    return size
 
 
 class Translator(Protocol):
@@ -96,18 +119,26 @@ class VCpu:
         self._counter = ctypes.c_uint64.from_address(self.h.value + self.offsets["emu_counter"])
         self._invalid_addr = ctypes.c_uint64.from_address(self.h.value + self.offsets["invalid_addr"])
 
-        # Batched control-register read for the fill hook: CR0, CR3, CR4, CS, RFLAGS, EFER.
+        # One batched register read per fill, into preallocated buffers: CR0, CR3, CR4, CS,
+        # RFLAGS, EFER, and the system-table registers GDTR, IDTR, TR, LDTR (read every
+        # time, so a guest reloading them mid-slice is always seen; in C the four extra
+        # registers cost next to nothing next to the call itself).
         ids = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4, X.UC_X86_REG_CS,
-               X.UC_X86_REG_EFLAGS, X.UC_X86_REG_MSR)
+               X.UC_X86_REG_EFLAGS, X.UC_X86_REG_MSR, X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR,
+               X.UC_X86_REG_TR, X.UC_X86_REG_LDTR)
         self._nregs = len(ids)
         self._reg_ids = (ctypes.c_int32 * len(ids))(*ids)
         self._regs = (ctypes.c_uint64 * 5)()
         self._efer = _Msr(MSR_EFER, 0)
+        self._tables = tuple(_Mmr() for _ in range(4))
         base = ctypes.addressof(self._regs)
         self._reg_ptrs = (ctypes.c_void_p * len(ids))(*(base + 8 * i for i in range(5)),
-                                                      ctypes.addressof(self._efer))
-        self._mmr = _Mmr()
-        self._mmr_ref = ctypes.byref(self._mmr)
+                                                      ctypes.addressof(self._efer),
+                                                      *(ctypes.addressof(m) for m in self._tables))
+        # TLB growth (see _TLB_START): fills since our last flush, and the size we believe
+        # Unicorn's TLB has.
+        self._since_flush = 0
+        self._tlb_size = _TLB_START
 
         # What stopped the slice, set by hooks.
         self.pending: VmExit | None = None
@@ -158,9 +189,11 @@ class VCpu:
             if r < 0:
                 self._record_fault(~r, acc)
                 return False
-            if self.mmu.flush_pending:
+            self._since_flush += 1
+            if self.mmu.flush_pending or self._since_flush > 2 * self._tlb_size:
                 # Before this entry goes in (Unicorn inserts it after we return), and
                 # before its large-page region is recorded: a flush forgets regions.
+                # A flush because fills are high lets Unicorn's TLB grow (_TLB_START).
                 self.flush_tlb()
             e = entry[0]
             e.paddr = r & ADDR_MASK
@@ -190,11 +223,13 @@ class VCpu:
             return False
 
     def _is_system_table(self, vaddr: int) -> bool:
-        """Is this page part of the GDT, LDT, IDT or TSS? (implicit supervisor access)"""
-        for rid in (X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_TR, X.UC_X86_REG_LDTR):
-            uclib.uc_reg_read(self.h, rid, self._mmr_ref)
-            base, limit = self._mmr.base, self._mmr.limit
-            if limit and base & ADDR_MASK <= vaddr <= base + limit:
+        """Is this page part of the GDT, LDT, IDT or TSS? (implicit supervisor access)
+
+        The four registers were read by this fill's batched read.
+        """
+        for m in self._tables:
+            limit = m.limit
+            if limit and m.base & ADDR_MASK <= vaddr <= m.base + limit:
                 return True
         return False
 
@@ -322,6 +357,8 @@ class VCpu:
         """Drop every entry of Unicorn's TLB (safe inside the fill hook)."""
         uclib.uc_ctl(self.h, _CTL_TLB_FLUSH)
         self.tlb_flushes += 1
+        self._tlb_size = _tlb_size_after_flush(self._tlb_size, self._since_flush)
+        self._since_flush = 0
         self.large_2m.clear()
         self.large_1g.clear()
         self.mmu.flush_pending = False
@@ -359,10 +396,10 @@ class VCpu:
         Sets A/D bits like the hardware (delivery pushes do), unless ``peek``.
         Raises GuestAccessFault with the walk's fault code.
         """
-        uc = self.uc
-        cr0, cr3, cr4 = (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
-                         uc.reg_read(X.UC_X86_REG_CR4))
-        ctl = paging_ctl(cr0, cr4, self.efer(), uc.reg_read(X.UC_X86_REG_EFLAGS), user, implicit)
+        # The fill hook's batched read (not running a fill now: the buffers are free).
+        uclib.uc_reg_read_batch(self.h, self._reg_ids, self._reg_ptrs, self._nregs)
+        cr0, cr3, cr4, _, rflags = self._regs
+        ctl = paging_ctl(cr0, cr4, self._efer.val, rflags, user, implicit)
         if peek:
             r = walk(PeekMemory(self), cr3, va, ACC_READ, user, ctl)
             if r >= 0:
