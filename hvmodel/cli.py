@@ -24,6 +24,7 @@ from pathlib import Path
 from .check.lockstep import DEFAULT_EVERY, check
 from .cost import explain, modeled_cycles
 from .guest.image import GuestBuildError, load_guest
+from .milestones import format_milestones, milestones
 from . import scenario, stats
 from .host import DEFAULT_HOST_MEM, Host, HostConfig
 from .scenario import size_bytes
@@ -321,6 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         for vm, r in zip(host.vms, results)],
                 "host": host.counters(),
                 "esxtop": stats.rows(host),
+                "milestones": milestones(host.timeline),
             }, indent=2))
         else:
             if len(results) == 1 and results[0].console and not results[0].console.endswith("\n") and echo:
@@ -329,6 +331,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if len(results) == 1:
                     _print_stats(results[0], host.vms[0].config.mmu)
                 print(stats.table(host))
+                if len(results) > 1:
+                    print(format_milestones(milestones(host.timeline)))
         status = 0
         for r in results:
             if r.exit_status is None:

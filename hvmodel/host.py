@@ -362,6 +362,7 @@ class Host:
                 "target": self.targets.get(v.id, 0),
                 "balloon_target": b.target if b is not None else 0,
                 "active": self.samplers[v.id].estimate if v.id in self.samplers else 1.0,
+                "running": v.running,
             }
         self.timeline.append(point)
 
