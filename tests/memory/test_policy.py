@@ -99,8 +99,9 @@ def test_targets_respect_reservation_and_limit():
 
 # -- sampling ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("large", [True, False], ids=["2m", "4k"])
 @pytest.mark.parametrize("mmu", ["nested", "shadow"])
-def test_sampling_estimates_the_touched_fraction(mmu):
+def test_sampling_estimates_the_touched_fraction(mmu, large):
     # The guest touches 1,024 of its 4,096 pages over and over: f = 0.25 (+ a few code/stack pages).
     img = build("""
       mov rsp, 0x100000
@@ -114,8 +115,11 @@ def test_sampling_estimates_the_touched_fraction(mmu):
       jmp again
     """)
     h = Host(HostConfig(memsize=64 * MIB))
-    vm = h.power_on(VMConfig(memsize=16 * MIB, mmu=mmu), img)
+    vm = h.power_on(VMConfig(memsize=16 * MIB, mmu=mmu, large_pages=large), img)
     vm.step(10**9, 200_000)                     # warm up: every page of the set touched
+    # On 2 MiB pages the sampled pages must still fault one by one (the MMUs map watched
+    # ranges 4 KiB): the estimate is per 4 KiB page either way.
+    assert (vm.p2m.large_count() > 0) == large
     rng = np.random.default_rng(7)
     estimates = []
     for _ in range(6):
@@ -141,6 +145,21 @@ def test_averages_rise_fast_and_fall_slowly():
 
 
 # -- compression ------------------------------------------------------------------------------
+
+def test_the_cache_gives_a_frame_back_when_its_slots_are_all_free():
+    pool = MachinePool(1 * MIB)
+    zc = CompressionCache(pool, max_frames=4)
+    page = (b"abcdefgh" * 64) * 8
+    free = pool.free_frames
+    for g in range(5):                          # 5 one-slot pages: two frames
+        assert zc.store(g, page, zc.compress(page))
+    assert len(zc.frames) == 2 and pool.free_frames == free - 2
+    zc.load(4)                                  # the second frame's only page leaves
+    assert len(zc.frames) == 1 and pool.free_frames == free - 1
+    for g in range(4):
+        assert zc.load(g) == page
+    assert zc.frames == [] and pool.free_frames == free
+
 
 def test_compressible_pages_take_one_slot_and_come_back_intact():
     pool = MachinePool(1 * MIB)
