@@ -29,6 +29,17 @@ page concerned loses its leaf — a sampled page faults on its own, not with its
 neighbours. When sampling stops watching a range that is still a large page, the table
 is dropped and the next access maps 2 MiB again.
 
+Guest large pages and INVLPG: the fill hook can only give Unicorn 4 KiB entries, so a
+guest 2 MiB / 1 GiB page is cached as 4 KiB pieces, and a guest INVLPG of one address
+would drop one piece where the hardware drops the whole large translation. Rather than
+intercepting INVLPG (a Unicorn code hook taxes every instruction), the nested MMU
+write-protects, in its EPT tables, each guest table page on the walk to a large leaf
+whose pieces it handed out (``large_tables``: the PML4, PDPT and PD pages for a 2 MiB
+page). A guest write to such a page — the only way the large mapping can change — is an
+EPT violation that drops every cached translation at
+once (before the write), then lets the page be written. A fill that hands out a piece
+again protects the page again. The VMM's own A/D updates do not count as changes.
+
 EPT entry bits (Intel SDM vol. 3 §29.3.2): R, W, X in bits 0-2, memory type in
 5:3 of a leaf (WB = 6), PS in bit 7 of a level-2/3 entry, A in bit 8, D in bit 9,
 address in 51:12. Write is granted
@@ -58,6 +69,7 @@ class NestedMMU:
     """2D page walks through guest tables and VMM-owned EPT tables."""
 
     kind = "nested"
+    intercepts_invlpg = False   # large-page pieces are kept coherent by write protection
 
     def __init__(self, p2m: P2M, pool: MachinePool, *, ntlb_entries: int = 64) -> None:
         if ntlb_entries & (ntlb_entries - 1):
@@ -79,6 +91,11 @@ class NestedMMU:
         self.ept_violations = 0
         self.large_leaves = 0   # 2 MiB leaves installed
         self.large_splits = 0   # 2 MiB leaves split into 4 KiB tables
+        # Guest table pages holding a large leaf whose pieces may be in Unicorn's TLB:
+        # write-protected in the EPT tables (see the module docstring).
+        self.large_tables: set[int] = set()
+        self.large_table_writes = 0
+        self._path: list[int] = []   # GPAs of the entries the current guest walk read
         # Set when a present leaf was replaced by another frame: Unicorn's TLB of
         # every vCPU of this VM may hold the old one and must be flushed.
         self.flush_pending = False
@@ -90,10 +107,15 @@ class NestedMMU:
     def translate(self, cr3: int, va: int, acc: int, user: bool, ctl: int) -> int:
         """GVA → machine page for one TLB fill: ``mpa_page | perms`` or ``~fault``."""
         self.walks += 1
+        self._path.clear()
         r = walk(self, cr3, va, acc, user, ctl)
         if r < 0:
             return r
         gpa = r & ADDR_MASK
+        if r & WALK_LARGE:
+            for g in self._path:
+                if g >> PAGE_SHIFT not in self.large_tables:
+                    self._protect_table(g >> PAGE_SHIFT)
         leaf = self._leaf(gpa >> PAGE_SHIFT, acc == ACC_WRITE)
         perms = r & (PERM_RWX | WALK_LARGE)
         if not leaf & EPT_X:
@@ -106,13 +128,21 @@ class NestedMMU:
     def read_pte(self, gpa: int) -> int:
         leaf = self._leaf(gpa >> PAGE_SHIFT, False)
         self.walk_refs += 1
+        self._path.append(gpa)
         return self.q[((leaf & ADDR_MASK) | (gpa & 0xFFF)) >> 3]
 
     def write_pte(self, gpa: int, value: int) -> None:
         gfn = gpa >> PAGE_SHIFT
-        # The A/D update is a write to the guest table page: it needs EPT write
-        # permission and dirties that page, exactly like a guest store.
-        leaf = self._leaf(gfn, True)
+        if gfn in self.large_tables:
+            # An A/D update changes no translation: the page stays protected (the
+            # EPT D bit records the write, as EPT A/D hardware would).
+            leaf = self._leaf(gfn, False)
+            idx = self._leaf_index(gfn)
+            self.q[idx] |= EPT_D
+        else:
+            # The A/D update is a write to the guest table page: it needs EPT write
+            # permission and dirties that page, exactly like a guest store.
+            leaf = self._leaf(gfn, True)
         self.q[((leaf & ADDR_MASK) | (gpa & 0xFFF)) >> 3] = value
 
     # -- the nested dimension -------------------------------------------------------
@@ -165,12 +195,21 @@ class NestedMMU:
     def _violation(self, gfn: int, write: bool) -> int:
         """EPT violation exit: ask the p2m, install the leaf, return it."""
         self.ept_violations += 1
+        large_table = gfn in self.large_tables
+        if large_table and write:
+            # The guest writes a table whose large leaf may be cached in pieces: drop
+            # every cached translation now, before the write (INVLPG of one piece must
+            # not leave the others), and let it write until a piece is handed out again.
+            self.large_tables.discard(gfn)
+            large_table = False
+            self.large_table_writes += 1
+            self.flush_pending = True
         # An untouched page read maps the zero frame read-only; a write allocates.
         p2m = self.p2m
         frame, writable = p2m.map_for(gfn, write)
         p2m.note_mapped(gfn)
         region = gfn >> 9
-        if p2m.large[region]:
+        if p2m.large[region] and not self._holds_large_table(region):
             l2 = self.q[self._l2_slot(gfn)]
             watched = region in p2m.watch_regions
             if not watched or not l2 & EPT_RWX or l2 & EPT_PS:
@@ -180,12 +219,26 @@ class NestedMMU:
         if old & EPT_RWX and (old & ADDR_MASK) >> PAGE_SHIFT != frame:
             self.flush_pending = True
         leaf = (frame << PAGE_SHIFT) | EPT_R | EPT_X | EPT_MT_WB | EPT_A
-        if writable:
+        if writable and not large_table:
             leaf |= EPT_W
             if write:
                 leaf |= EPT_D
         self.q[idx] = leaf
         return leaf
+
+    def _protect_table(self, gfn: int) -> None:
+        """Write-protect the guest table page ``gfn`` (it holds a large leaf being cached)."""
+        self.large_tables.add(gfn)
+        idx = self._leaf_index(gfn)
+        if idx >= 0 and self.q[idx] & EPT_PS:
+            idx = self._leaf_index(gfn) if self._split_large(idx, gfn >> 9) else -1
+        if idx >= 0:
+            self.q[idx] &= ~EPT_W
+        # A writable translation of the table page may be cached: it goes too.
+        self.flush_pending = True
+
+    def _holds_large_table(self, region: int) -> bool:
+        return any(g >> 9 == region for g in self.large_tables)
 
     def _map_large(self, gfn: int, write: bool, watched: bool) -> int:
         """Install the 2 MiB leaf for gfn's large page; return gfn's piece of it.
@@ -265,7 +318,7 @@ class NestedMMU:
     def collapse(self, region: int) -> None:
         """p2m watch listener: sampling stopped watching ``region``; if it is a large page
         mapped by 4 KiB leaves, drop them so the next access maps it 2 MiB again."""
-        if not self.p2m.large[region]:
+        if not self.p2m.large[region] or self._holds_large_table(region):
             return
         gfn = region << 9
         table = self.root << PAGE_SHIFT
@@ -375,6 +428,7 @@ class NestedMMU:
             "nested_table_frames": len(self.table_frames),
             "ept_large_leaves": self.large_leaves,
             "ept_large_splits": self.large_splits,
+            "large_table_writes": self.large_table_writes,
         }
 
     def release(self) -> None:

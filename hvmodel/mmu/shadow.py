@@ -155,6 +155,7 @@ class ShadowMMU:
     """Shadow page tables for one VM (one vCPU)."""
 
     kind = "shadow"
+    intercepts_invlpg = True   # KVM's shadow MMU exits on INVLPG; large-page pieces need it
 
     def __init__(self, p2m: P2M, pool: MachinePool, *, max_pages: int | None = None,
                  max_oos: int = DEFAULT_MAX_OOS) -> None:

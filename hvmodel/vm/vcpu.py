@@ -154,7 +154,10 @@ class VCpu:
         # Regions (va >> 21, va >> 30) of guest large pages with pieces in Unicorn's TLB.
         self.large_2m: set[int] = set()
         self.large_1g: set[int] = set()
-        self.invlpg = InvlpgIntercept(self)
+        # Only an MMU that asks for it gets the INVLPG intercept (it costs every instruction
+        # a code-hook check); nested keeps large-page pieces coherent by write protection.
+        self.invlpg = InvlpgIntercept(self) if getattr(mmu, "intercepts_invlpg", False) and not native \
+            else None
         # OUT to these ports ends the slice (the VM sets the timer/PIC ports).
         self.kick_ports: frozenset[int] = frozenset()
         self._stop_counter = -1
@@ -198,7 +201,7 @@ class VCpu:
             e = entry[0]
             e.paddr = r & ADDR_MASK
             e.perms = r & 7
-            if r & WALK_LARGE:
+            if r & WALK_LARGE and self.invlpg is not None:
                 # A 4 KiB piece of a guest large page: remember its region, so a guest
                 # INVLPG anywhere in it can drop all of it (vm/intercept.py).
                 if r & WALK_1G:
@@ -208,7 +211,8 @@ class VCpu:
             if acc == ACC_FETCH:
                 if self.fetched is not None:
                     self.fetched[r >> 12] = True
-                self.invlpg.scan(vaddr, r & ADDR_MASK)
+                if self.invlpg is not None:
+                    self.invlpg.scan(vaddr, r & ADDR_MASK)
             return True
         except AllocationBlocked:
             # Refusing the fill restarts the instruction (x86 faults are precise); no

@@ -185,7 +185,8 @@ class VM:
     def _drop_code(self) -> None:
         # Frames that held translated code are about to be reused: drop it all.
         self.vcpu.uc.ctl_flush_tb()
-        self.vcpu.invlpg.forget()
+        if self.vcpu.invlpg is not None:
+            self.vcpu.invlpg.forget()
 
     # -- time ------------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class VM:
         if self.p2m is not None:
             c["frames_allocated"] = self.p2m.first_touches
             c["guest_pages_backed"] = self.p2m.count(P2MState.PRIVATE)
-        c["invlpg_exits"] = v.invlpg.exits
+        c["invlpg_exits"] = v.invlpg.exits if v.invlpg is not None else 0
         c.update(self.mmu.counters())
         if self.p2m is not None:
             c.update(self.memory_counters())

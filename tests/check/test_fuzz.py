@@ -18,8 +18,9 @@ from hvmodel.mmu.walk import PTE_A, PTE_RW, PTE_US
 # --------------------------------------------------------------------------------------
 # Regression found by this fuzzer (seed 1, program 56): INVLPG of an address inside a
 # 2 MiB / 1 GiB page must invalidate every TLB entry of that page (SDM 4.10.4.1). The
-# fill hook can only give Unicorn 4 KiB entries, so the VMM intercepts INVLPG and
-# flushes when a piece of a large page may be cached (hvmodel/vm/intercept.py).
+# fill hook can only give Unicorn 4 KiB entries: shadow intercepts INVLPG and flushes
+# when a piece of a large page may be cached (hvmodel/vm/intercept.py); nested
+# write-protects the guest tables on the walk to such a leaf (hvmodel/mmu/nested.py).
 
 INVLPG_LARGE_PAGE = Program(ops=(
     Map(space=0, va=0xFFFFFFFFC0000000, level=2, pa=0x400000, flags=PTE_RW | PTE_A,
