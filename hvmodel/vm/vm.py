@@ -171,6 +171,12 @@ class VM:
 
     def _load(self, image: GuestImage) -> None:
         """Copy the image into guest-physical memory and set the entry state (GUEST-ABI.md)."""
+        if image.boot is not None:  # a Multiboot / ELF64 kernel (hvmodel.boot.loader)
+            try:
+                image.boot.install(self)
+            except GuestMemoryError as e:
+                raise VMError(f"cannot load the kernel: {e}") from None
+            return
         try:
             self.ram.write_gpa(image.load_addr, image.code)
         except GuestMemoryError as e:
