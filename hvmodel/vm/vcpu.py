@@ -26,6 +26,7 @@ from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 from ..mmu.p2m import AllocationBlocked
 from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_1G, WALK_LARGE, paging_ctl, walk
 from .cpustate import CpuStateEditor, verify_offsets
+from .cpuid import cpuid
 from .exits import GP, PF, UD, ExitReason, VmExit
 from .intercept import InvlpgIntercept
 
@@ -171,6 +172,7 @@ class VCpu:
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
 
     # -- the fill hook (hot path) -----------------------------------------------------
 
@@ -279,6 +281,16 @@ class VCpu:
                 self._stop(uc)
         except BaseException as exc:
             self._hook_failed(exc)
+
+    def _on_cpuid(self, uc: Uc, _ud: object) -> int:
+        # The VMM answers every leaf (vm/cpuid.py); nonzero tells Unicorn to skip its own.
+        try:
+            regs = cpuid(uc.reg_read(X.UC_X86_REG_EAX), uc.reg_read(X.UC_X86_REG_ECX))
+            for rid, val in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), regs):
+                uc.reg_write(rid, val)
+        except BaseException as exc:
+            self._hook_failed(exc)
+        return 1
 
     def _stop(self, uc: Uc) -> None:
         # Unicorn may count the next instruction of the block before the stop takes
