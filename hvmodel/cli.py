@@ -137,6 +137,17 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="stop the guest after this many instructions")
     cmp.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
+    inf = sub.add_parser("info", help="run a guest (to its end, or stop it after --at instructions) and show "
+                                      "the hypervisor's view, like QEMU's monitor: mem, tlb or p2m")
+    inf.add_argument("what", choices=("mem", "tlb", "p2m"),
+                     help="mem: mapped virtual ranges; tlb: every page, virtual -> physical -> machine; "
+                          "p2m: guest pages by p2m state")
+    inf.add_argument("guest", help="guest image (.asm, kernel or flat binary)")
+    _add_vm_options(inf)
+    _add_kernel_options(inf)
+    inf.add_argument("--at", type=_positive_int, default=None, metavar="N",
+                     help="stop the running guest after N instructions and show it then")
+
     fz = sub.add_parser("fuzz", help="generate page-table programs and check every MMU mode on them")
     fz.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
     fz.add_argument("--count", type=_positive_int, default=100, help="programs to run (default 100)")
@@ -483,6 +494,22 @@ def cmd_map(args: argparse.Namespace) -> int:
         host.close()
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from .debug import monitor
+    host = _build_host(args, echo=False)
+    try:
+        vm = host.vms[0]
+        limit = args.at if args.at is not None else args.max_insns
+        while vm.running and vm.vcpu.insns < limit:
+            vm.step(args.max_insns, limit - vm.vcpu.insns)
+        state = "running" if vm.running else f"{vm.stop_reason}, exit status {vm.exit_status}"
+        print(f"# {vm.config.name} ({vm.config.mmu}) after {vm.vcpu.insns:,} instructions: {state}")
+        print("\n".join(monitor.INFO[args.what](vm)))
+        return 0
+    finally:
+        host.close()
+
+
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from .check.fuzz import format_result, fuzz
     res = fuzz(args.seed, args.count, args.mmu, start=args.start, shrink_failures=not args.no_shrink)
@@ -521,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_map(args)
         if args.cmd == "bench":
             return cmd_bench(args)
+        if args.cmd == "info":
+            return cmd_info(args)
     except CliError as e:
         print(f"hvmodel: {e}", file=sys.stderr)
         return e.status

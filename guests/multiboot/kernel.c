@@ -249,7 +249,7 @@ int kmain(uint32_t magic, uint32_t info_addr)
 		puts(" size ");
 		putdec(m->end - m->start);
 		puts(" first line: ");
-		for (const char *c = (const char *)(uintptr_t)m->start; c < (const char *)(uintptr_t)m->end && *c != '\n'; c++)
+		for (const char *c = (const char *)(uintptr_t)m->start; c < (const char *)(uintptr_t)m->end && *c && *c != '\n'; c++)
 			putc(*c);
 		puts("\n");
 		check(5, (m->start & 0xfff) == 0, "module page-aligned");

@@ -144,7 +144,8 @@ def load_kernel(path: str | Path, *, append: str = "", modules: list[str] | None
         raise BootError(str(e)) from None
     boot = KernelBoot(name=name, kind=kind, entry=entry, pieces=pieces, kernel_low=low, kernel_size=size,
                       cmdline=cmdline, modules=mods, symbols=symbols)
-    return GuestImage(code=b"", load_addr=low, entry=entry, symbols=symbols, source_name=name, boot=boot)
+    # `code` is empty: the boot object places everything itself (and checks that it fits).
+    return GuestImage(code=b"", load_addr=0, entry=entry, symbols=symbols, source_name=name, boot=boot)
 
 
 def _elf_pieces(elf: ElfImage) -> tuple[list[tuple[int, bytes, int]], int, int, int, dict[str, int]]:

@@ -226,8 +226,8 @@ def info_tlb(vm: "VM") -> list[str]:
         kind = {1 << 12: "4K", 1 << 21: "2M", 1 << 30: "1G"}[size]
         line = f"{va:016x}: {gpa:016x} {kind} {_rights(r)}"
         if vm.p2m is not None:
-            mpa = vm.mmu.peek_gpa(gpa)
-            line += f" machine {mpa:#x}" if mpa >= 0 else " machine -"
+            frame = vm.p2m.frame_of(gpa >> PAGE_SHIFT)
+            line += f" machine {frame << PAGE_SHIFT:#x}" if frame > 0 else " machine - (not backed)"
         out.append(line)
     return out
 
