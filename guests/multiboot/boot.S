@@ -113,6 +113,7 @@ isr\n:	pushq	$\n
 	isr_err   17
 	isr_noerr 18
 	isr_noerr 19
+	isr_noerr 64
 
 isr_common:
 	push	%rax
@@ -155,6 +156,9 @@ isr_common:
 isr_table:
 	.quad	isr0, isr1, isr2, isr3, isr4, isr5, isr6, isr7, isr8, isr9
 	.quad	isr10, isr11, isr12, isr13, isr14, isr15, isr16, isr17, isr18, isr19
+	.globl	isr_timer
+isr_timer:
+	.quad	isr64
 
 	.data
 	.align	8

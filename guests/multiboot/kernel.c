@@ -31,11 +31,11 @@ struct idt_gate {
 	uint32_t off2, zero;
 };
 
-extern uint64_t isr_table[20];
+extern uint64_t isr_table[20], isr_timer[1];
 extern uint64_t pdpt[512], pd_extra[512];
 
 static struct idt_gate idt[256];
-volatile unsigned long ud_count, pf_count;
+volatile unsigned long ud_count, pf_count, timer_ticks;
 volatile uint64_t last_cr2, last_error;
 static int failed;
 
@@ -137,6 +137,11 @@ void isr_handler(struct frame *f)
 		__asm__ volatile("invlpg (%0)" :: "r"(cr2) : "memory");
 		return;
 	}
+	if (f->vector == 0x40) {             /* local APIC timer */
+		timer_ticks++;
+		*(volatile uint32_t *)(uintptr_t)0xfee000b0u = 0;   /* EOI */
+		return;
+	}
 	puts("unexpected exception ");
 	putdec(f->vector);
 	puts(" at ");
@@ -145,18 +150,22 @@ void isr_handler(struct frame *f)
 	power_off(0x7f);
 }
 
+static void set_gate(int v, uint64_t h)
+{
+	idt[v].off0 = (uint16_t)h;
+	idt[v].sel = 0x08;
+	idt[v].ist = 0;
+	idt[v].type = 0x8E;                   /* present, DPL 0, 64-bit interrupt gate */
+	idt[v].off1 = (uint16_t)(h >> 16);
+	idt[v].off2 = (uint32_t)(h >> 32);
+	idt[v].zero = 0;
+}
+
 static void idt_init(void)
 {
-	for (int v = 0; v < 20; v++) {
-		uint64_t h = isr_table[v];
-		idt[v].off0 = (uint16_t)h;
-		idt[v].sel = 0x08;
-		idt[v].ist = 0;
-		idt[v].type = 0x8E;           /* present, DPL 0, 64-bit interrupt gate */
-		idt[v].off1 = (uint16_t)(h >> 16);
-		idt[v].off2 = (uint32_t)(h >> 32);
-		idt[v].zero = 0;
-	}
+	for (int v = 0; v < 20; v++)
+		set_gate(v, isr_table[v]);
+	set_gate(0x40, isr_timer[0]);
 	struct { uint16_t limit; uint64_t base; } __attribute__((packed)) d = { sizeof(idt) - 1, (uint64_t)idt };
 	__asm__ volatile("lidt %0" :: "m"(d));
 }
@@ -180,6 +189,11 @@ static uint8_t cmos(uint8_t reg)
 static uint32_t apic(uint32_t off)
 {
 	return *(volatile uint32_t *)(uintptr_t)(0xfee00000u + off);
+}
+
+static void apic_write(uint32_t off, uint32_t v)
+{
+	*(volatile uint32_t *)(uintptr_t)(0xfee00000u + off) = v;
 }
 
 static int str_eq(const char *a, const char *b)
@@ -287,6 +301,21 @@ int kmain(uint32_t magic, uint32_t info_addr)
 	check(11, (edx & (1u << 9)) && (edx & (1u << 6)), "cpuid: APIC and PAE");
 
 	check(12, (apic(0x30) & 0xff) == 0x14 && (apic(0x20) >> 24) == 0, "local APIC version 0x14, ID 0");
+	apic_write(0xf0, 0x1ff);              /* software enable, spurious vector 0xff */
+	apic_write(0x3e0, 0x0b);              /* divide by 1 */
+	apic_write(0x320, 0x20040);           /* periodic, vector 0x40 */
+	apic_write(0x380, 20000);             /* every 20000 bus ticks (instructions) */
+	uint32_t c1 = apic(0x390);
+	for (volatile int i = 0; i < 100; i++)
+		;
+	uint32_t c2 = apic(0x390);
+	check(15, c1 <= 20000 && c2 < c1, "APIC timer current count runs down");
+	__asm__ volatile("sti");
+	while (timer_ticks < 3)
+		__asm__ volatile("hlt");
+	__asm__ volatile("cli");
+	apic_write(0x380, 0);                 /* stop the timer */
+	check(16, timer_ticks == 3, "three APIC timer interrupts (sti; hlt)");
 	uint8_t status_b = cmos(0x0b);
 	check(13, (status_b & 0x02) && cmos(0x0e) == 0 && (cmos(0x0a) & 0x80) == 0, "CMOS status registers");
 	puts("RTC year (BCD): ");

@@ -214,12 +214,11 @@ class VM:
                 return 0
 
         def write(_uc, offset: int, size: int, value: int, _ud) -> None:
+            # No slice end here: emu_stop() from an MMIO write leaves RIP on the store,
+            # which would run again (measured on 2.1.4). A new timer deadline is seen at
+            # the next exit (HLT, I/O to the PIT/PIC, an exception, the slice's end).
             try:
                 apic.write(offset, size, value)
-                # The timer or the interrupt state may have moved: end the slice so the
-                # run loop recomputes the next event (as for PIT/PIC port writes).
-                if vcpu.pending is None:
-                    vcpu.request_exit(VmExit(ExitReason.SLICE_END))
             except BaseException as exc:
                 vcpu._hook_failed(exc)
 
