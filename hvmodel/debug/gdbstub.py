@@ -396,7 +396,7 @@ class GdbStub:
         if address == self.skip_bp:
             return  # resuming from this breakpoint: execute it once
         self.bp_hit = address
-        self.vm.vcpu.request_exit(VmExit(ExitReason.SLICE_END, message="breakpoint"))
+        self.vm.vcpu.request_exit(VmExit(ExitReason.SLICE_END, message="breakpoint"), before=True)
 
     def _stop_reply(self) -> str:
         vm = self.vm

@@ -303,10 +303,16 @@ class VCpu:
             self.hook_error = exc
         self.uc.emu_stop()
 
-    def request_exit(self, exit_: VmExit) -> None:
-        """Devices call this (through the VM) to end the slice after the current instruction."""
+    def request_exit(self, exit_: VmExit, *, before: bool = False) -> None:
+        """Devices call this (through the VM) to end the slice after the current instruction.
+
+        ``before``: called from a code hook (a breakpoint), the current instruction has
+        not run yet, but Unicorn has already counted it.
+        """
         self.pending = exit_
         self._stop(self.uc)
+        if before:
+            self._stop_counter -= 1
 
     # -- running -------------------------------------------------------------------------
 
