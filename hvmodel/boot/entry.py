@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
+from ..mmu.walk import CR0_PG, CR4_PAE
+from ..vm.vcpu import MSR_EFER
 from .multiboot import MB_BOOT_MAGIC
 
 if TYPE_CHECKING:
@@ -75,11 +77,8 @@ _STUB64 = bytes.fromhex(
 _STUB64_INSNS = 10
 
 CR0_PE_ET = 0x11
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
 CR4_OSFXSR = 1 << 9
 CR4_OSXMMEXCPT = 1 << 10
-MSR_EFER = 0xC0000080
 
 
 def loader_blobs(long_mode: bool) -> list[tuple[int, bytes]]:
