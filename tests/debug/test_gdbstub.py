@@ -128,7 +128,9 @@ def test_breakpoints_do_not_change_guest_time(kernels):
     assert c.cmd("m100000,4") == "02b0ad1b"
     assert c.cmd("m100000000,8") == "E14"                      # not mapped yet: the #PF maps it
     assert c.cmd("c") == "W00"
+    c.s.close()                                                # gdb goes away: the stub returns
     t.join(timeout=30)
+    assert not t.is_alive()
     assert vm.result().counters["instructions"] == plain.counters["instructions"]
     host.close()
     plain_host.close()
@@ -160,6 +162,7 @@ def test_registers_memory_writes_and_ctrl_c(run_guest_asm):
     assert vm.running and reg(c, "rip") == image.symbols["spin"]
     c.s.sendall(b"$k#6b")                                       # kill: no reply
     t.join(timeout=30)
+    assert not t.is_alive()
     assert vm.stopped
     host.close()
 
