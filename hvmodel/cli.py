@@ -87,6 +87,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true", help="print the VM's counters at the end")
     run.add_argument("--json", action="store_true", help="print one JSON object with results and counters")
     run.add_argument("--quiet", action="store_true", help="do not echo the guest console")
+    _add_kernel_options(run)
+    run.add_argument("--gdb", metavar="tcp::PORT", help="serve the GDB remote protocol on 127.0.0.1:PORT "
+                                                        "(0: any free port, printed on stderr)")
+    run.add_argument("-S", dest="gdb_wait", action="store_true",
+                     help="with --gdb: stop before the first instruction until the debugger continues")
 
     demo = sub.add_parser("demo", help="run the hello guest and explain what the hypervisor did")
     _add_vm_options(demo)
@@ -106,6 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--mem", type=parse_size, default=DEFAULT_MEM, help="guest memory")
     chk.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
                      help="stop the guest after this many instructions")
+    _add_kernel_options(chk)
     chk.add_argument("--pressure", type=int, default=0, metavar="PAGES",
                      help="memory management on: share every identical page and swap out PAGES pages "
                           "after every checkpoint (the guest must not notice)")
@@ -130,6 +136,17 @@ def _build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--max-insns", type=_positive_int, default=DEFAULT_MAX_INSNS,
                      help="stop the guest after this many instructions")
     cmp.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+    inf = sub.add_parser("info", help="run a guest (to its end, or stop it after --at instructions) and show "
+                                      "the hypervisor's view, like QEMU's monitor: mem, tlb or p2m")
+    inf.add_argument("what", choices=("mem", "tlb", "p2m"),
+                     help="mem: mapped virtual ranges; tlb: every page, virtual -> physical -> machine; "
+                          "p2m: guest pages by p2m state")
+    inf.add_argument("guest", help="guest image (.asm, kernel or flat binary)")
+    _add_vm_options(inf)
+    _add_kernel_options(inf)
+    inf.add_argument("--at", type=_positive_int, default=None, metavar="N",
+                     help="stop the running guest after N instructions and show it then")
 
     fz = sub.add_parser("fuzz", help="generate page-table programs and check every MMU mode on them")
     fz.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
@@ -169,6 +186,21 @@ def _mode_list(text: str) -> list[str]:
             f"unknown MMU mode(s) {', '.join(bad) or text!r}; VMM modes: "
             f"{', '.join(m for m in MMU_MODES if m != 'native')}")
     return modes
+
+
+def _add_kernel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--append", metavar="ARGS", help="kernel command line after the file name (QEMU -append)")
+    p.add_argument("--initrd", "--module", dest="modules", action="append", default=None, metavar="FILE",
+                   help="a Multiboot module, 'FILE [ARGS]'; repeat, or separate with commas (QEMU -initrd)")
+
+
+def _load(path: Path, args: argparse.Namespace):
+    """The guest image, with the kernel options of ``args`` (bad input: CliError, status 2)."""
+    modules = [m.strip() for spec in (getattr(args, "modules", None) or []) for m in spec.split(",") if m.strip()]
+    try:
+        return load_guest(path, append=getattr(args, "append", None), modules=modules)
+    except GuestBuildError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
 
 
 def _add_vm_options(p: argparse.ArgumentParser) -> None:
@@ -242,10 +274,7 @@ def _build_host(args: argparse.Namespace, echo: bool) -> Host:
     try:
         for i, spec in enumerate(specs):
             if spec.guest not in images:
-                try:
-                    images[spec.guest] = load_guest(spec.guest)
-                except GuestBuildError as e:
-                    raise CliError(str(e), EXIT_USAGE) from None
+                images[spec.guest] = _load(spec.guest, args)
             if len(specs) > 1:
                 spec.config.guest_arg = i + 1
             elif echo:
@@ -291,11 +320,44 @@ def _print_stats(result: VMResult, mode: str, file=sys.stdout) -> None:
             print(f"  {k:<22} {v:>16,}  {100 * v / max(1, cost.total):5.1f} %", file=file)
 
 
+def _gdb_port(spec: str) -> int:
+    """``tcp::PORT``, ``tcp:127.0.0.1:PORT``, ``tcp:localhost:PORT`` or ``PORT`` → the port."""
+    rest = spec[4:] if spec.startswith("tcp:") else ":" + spec
+    host, _, port = rest.rpartition(":")
+    if host not in ("", "127.0.0.1", "localhost"):
+        raise CliError(f"--gdb: the stub listens on the loopback interface only, not {host!r}", EXIT_USAGE)
+    try:
+        value = int(port)
+    except ValueError:
+        raise CliError(f"--gdb: expected tcp::PORT, got {spec!r}", EXIT_USAGE) from None
+    if not 0 <= value <= 65535:
+        raise CliError(f"--gdb: port {value} out of range", EXIT_USAGE)
+    return value
+
+
+def _run_gdb(host: Host, args: argparse.Namespace) -> list[VMResult]:
+    from .debug.gdbstub import GdbStub, GdbStubError
+    if len(host.vms) != 1:
+        raise CliError("--gdb debugs one VM: not with --vms or a scenario of several VMs", EXIT_USAGE)
+    try:
+        stub = GdbStub(host.vms[0], host, port=_gdb_port(args.gdb), wait=args.gdb_wait, max_insns=args.max_insns)
+    except GdbStubError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    stub.serve()
+    return [host.vms[0].result()]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     echo = not (args.json or args.quiet or args.top)
+    if args.gdb_wait and not args.gdb:
+        raise CliError("-S needs --gdb", EXIT_USAGE)
+    if args.gdb:
+        _gdb_port(args.gdb)  # a bad spec is a usage error before anything starts
     host = _build_host(args, echo)
     try:
-        if args.top:
+        if args.gdb:
+            results = _run_gdb(host, args)
+        elif args.top:
             from rich.console import Console
             from rich.live import Live
             console = Console()
@@ -375,10 +437,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0 if res.ok else 1
     if not args.guest:
         raise CliError("check: a guest image (or --matrix) is required", EXIT_USAGE)
-    try:
-        image = load_guest(Path(args.guest))
-    except GuestBuildError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
+    image = _load(Path(args.guest), args)
     try:
         res = check(image, args.mmu, memsize=args.mem, every=args.every, max_insns=args.max_insns,
                     pressure=args.pressure)
@@ -435,6 +494,22 @@ def cmd_map(args: argparse.Namespace) -> int:
         host.close()
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from .debug import monitor
+    host = _build_host(args, echo=False)
+    try:
+        vm = host.vms[0]
+        limit = args.at if args.at is not None else args.max_insns
+        while vm.running and vm.vcpu.insns < limit:
+            vm.step(args.max_insns, limit - vm.vcpu.insns)
+        state = "running" if vm.running else f"{vm.stop_reason}, exit status {vm.exit_status}"
+        print(f"# {vm.config.name} ({vm.config.mmu}) after {vm.vcpu.insns:,} instructions: {state}")
+        print("\n".join(monitor.INFO[args.what](vm)))
+        return 0
+    finally:
+        host.close()
+
+
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from .check.fuzz import format_result, fuzz
     res = fuzz(args.seed, args.count, args.mmu, start=args.start, shrink_failures=not args.no_shrink)
@@ -473,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_map(args)
         if args.cmd == "bench":
             return cmd_bench(args)
+        if args.cmd == "info":
+            return cmd_info(args)
     except CliError as e:
         print(f"hvmodel: {e}", file=sys.stderr)
         return e.status

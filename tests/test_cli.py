@@ -198,3 +198,15 @@ def test_map_shows_a_frame_shared_across_vms(tmp_path):
     frames = re.findall(r"frame (0x[0-9a-f]+)</text>", text)
     assert len(frames) == len(set(frames))            # each machine frame drawn once
     assert text.count("dedup-1 GPA") >= 1 and text.count("dedup-2 GPA") >= 1
+
+
+def test_info_mem_tlb_p2m_on_a_finished_and_a_running_vm():
+    done = run_cli("info", "mem", str(GUESTS / "hello.asm"))
+    assert done.returncode == 0, done.stderr
+    assert "power_off, exit status 0" in done.stdout
+    assert re.search(r"^[0-9a-f]{16}-[0-9a-f]{16} [0-9a-f]{16} [-u]r[-w][-x]$", done.stdout, re.M)
+    tlb = run_cli("info", "tlb", str(GUESTS / "hello.asm"), "--mmu", "shadow")
+    assert re.search(r"^[0-9a-f]{16}: [0-9a-f]{16} 4K [-u]r[-w][-x] machine 0x[0-9a-f]+$", tlb.stdout, re.M)
+    running = run_cli("info", "p2m", str(GUESTS / "hello.asm"), "--at", "100")
+    assert "after 100 instructions: running" in running.stdout
+    assert re.search(r"pages PRIVATE$", running.stdout, re.M) and "MMIO (local APIC" in running.stdout

@@ -106,6 +106,8 @@ class GuestImage:
     entry: int
     symbols: dict[str, int] = field(default_factory=dict)
     source_name: str = "<guest>"
+    # A booted kernel (hvmodel.boot.loader.KernelBoot): installs itself instead of `code`.
+    boot: object | None = None
 
     @property
     def end(self) -> int:

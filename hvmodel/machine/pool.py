@@ -58,9 +58,14 @@ class MachinePool:
         self.owner = np.full(self.nframes, OWNER_FREE, dtype=np.int16)
         # LIFO free list: recently freed frames are reused first (warm in host caches).
         # Kept as a Python list because pop/append are the allocator's whole job.
-        self._free: list[int] = list(range(self.nframes - 1, ZERO_FRAME, -1))
+        # The top frame is the device window: every vCPU maps its emulated MMIO page (the
+        # local APIC) at this machine address instead of RAM, so it is never handed out.
+        self.device_frame = self.nframes - 1
+        self._free: list[int] = list(range(self.nframes - 2, ZERO_FRAME, -1))
         self.owner[ZERO_FRAME] = OWNER_VMM
         self.refcount[ZERO_FRAME] = 1
+        self.owner[self.device_frame] = OWNER_VMM
+        self.refcount[self.device_frame] = 1
         self.allocs = 0
         self.frees = 0
         self.large_allocs = 0

@@ -209,7 +209,7 @@ class NestedMMU:
         frame, writable = p2m.map_for(gfn, write)
         p2m.note_mapped(gfn)
         region = gfn >> 9
-        if p2m.large[region] and not self._holds_large_table(region):
+        if region < len(p2m.large) and p2m.large[region] and not self._holds_large_table(region):
             l2 = self.q[self._l2_slot(gfn)]
             watched = region in p2m.watch_regions
             if not watched or not l2 & EPT_RWX or l2 & EPT_PS:

@@ -131,11 +131,16 @@ class P2M:
         self.large_pages_backed = 0   # 2 MiB pages allocated for this VM
         self.large_breaks = 0         # 2 MiB pages broken into 4 KiB pages
         self.allocs_blocked = 0       # allocations that waited (host state low)
+        # Emulated device pages above guest RAM (the local APIC): gfn -> the machine frame
+        # where the vCPU maps the device's MMIO (the pool's device window).
+        self.mmio: dict[int, int] = {}
 
     # -- queries --------------------------------------------------------------------
 
     def frame_of(self, gfn: int) -> int:
         """The machine frame backing ``gfn``, or -1 if it has none in RAM."""
+        if gfn >= self.npages:
+            return self.mmio.get(gfn, -1)
         st = self.state.item(gfn)
         if st == _PRIVATE or st == _SHARED:
             return self.value.item(gfn)
@@ -160,6 +165,8 @@ class P2M:
         memory, host out of memory, a swap I/O error or a failed checksum).
         """
         if gfn >= self.npages:
+            if gfn in self.mmio:
+                return self.mmio[gfn], True
             raise GuestMemoryError(gfn, f"outside guest memory ({self.npages} pages)")
         st = self.state.item(gfn)
         if st == _PRIVATE:

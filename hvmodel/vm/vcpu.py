@@ -26,6 +26,7 @@ from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 from ..mmu.p2m import AllocationBlocked
 from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_1G, WALK_LARGE, paging_ctl, walk
 from .cpustate import CpuStateEditor, verify_offsets
+from .cpuid import cpuid
 from .exits import GP, PF, UD, ExitReason, VmExit
 from .intercept import InvlpgIntercept
 
@@ -174,6 +175,7 @@ class VCpu:
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
 
     # -- the fill hook (hot path) -----------------------------------------------------
 
@@ -284,6 +286,16 @@ class VCpu:
         except BaseException as exc:
             self._hook_failed(exc)
 
+    def _on_cpuid(self, uc: Uc, _ud: object) -> int:
+        # The VMM answers every leaf (vm/cpuid.py); nonzero tells Unicorn to skip its own.
+        try:
+            regs = cpuid(uc.reg_read(X.UC_X86_REG_EAX), uc.reg_read(X.UC_X86_REG_ECX))
+            for rid, val in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), regs):
+                uc.reg_write(rid, val)
+        except BaseException as exc:
+            self._hook_failed(exc)
+        return 1
+
     def _stop(self, uc: Uc) -> None:
         # Unicorn may count the next instruction of the block before the stop takes
         # effect; the count at the hook is the exact number of instructions begun.
@@ -295,10 +307,16 @@ class VCpu:
             self.hook_error = exc
         self.uc.emu_stop()
 
-    def request_exit(self, exit_: VmExit) -> None:
-        """Devices call this (through the VM) to end the slice after the current instruction."""
+    def request_exit(self, exit_: VmExit, *, before: bool = False) -> None:
+        """Devices call this (through the VM) to end the slice after the current instruction.
+
+        ``before``: called from a code hook (a breakpoint), the current instruction has
+        not run yet, but Unicorn has already counted it.
+        """
         self.pending = exit_
         self._stop(self.uc)
+        if before:
+            self._stop_counter -= 1
 
     # -- running -------------------------------------------------------------------------
 

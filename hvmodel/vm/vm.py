@@ -21,8 +21,13 @@ from typing import Callable
 
 from unicorn import x86_const as X
 
+from ..devices.apic import APIC_BASE, APIC_SIZE, LocalApic
 from ..devices.bus import IOBus
 from ..devices.backdoor import BackdoorBalloon
+from ..devices.cmos import Cmos
+from ..devices.fwcfg import FwCfg
+from ..devices.pci import PciHostNoDevices
+from ..devices.shutdown import BochsShutdown
 from ..devices.debugexit import DebugExit
 from ..devices.pic import Pic8259Pair
 from ..devices.pit import Pit8254
@@ -135,7 +140,8 @@ class VM:
                     self.mmu = NestedMMU(self.p2m, pool)
             except HostOutOfMemory as e:
                 raise VMError(f"cannot create the {config.mmu} page tables: {e}") from None
-            phys = (pool.host_addr, pool.size, pool.q, pool.mv)
+            # Unicorn maps RAM up to the pool's device window (the APIC's MMIO page).
+            phys = (pool.host_addr, pool.device_frame << PAGE_SHIFT, pool.q, pool.mv)
 
         self.idle_insns = 0
         self.io = IOBus()
@@ -143,11 +149,18 @@ class VM:
         self.debug_exit = DebugExit(self._on_debug_exit)
         self.pit = Pit8254(self.clock)
         self.pic = Pic8259Pair()
-        for dev in (self.uart, self.debug_exit, self.pit, self.pic):
+        # The PC devices toy kernels poke (what QEMU's pc machine has at these ports).
+        self.fw_cfg = FwCfg(config.memsize, uuid.UUID(self.uuid).bytes)
+        self.cmos = Cmos(self.clock, config.memsize)
+        self.pci = PciHostNoDevices()
+        self.shutdown = BochsShutdown(self._on_shutdown_port)
+        for dev in (self.uart, self.debug_exit, self.pit, self.pic, self.fw_cfg, self.cmos, self.pci,
+                    self.shutdown):
             self.io.attach(dev)
 
         self.vcpu = VCpu(*phys, self.mmu, self.io, native=self.native)
         self.vcpu.kick_ports = frozenset(self.pit.ports) | frozenset(self.pic.ports)
+        self.apic = self._map_apic(pool) if config.memsize <= APIC_BASE else None
         # Ballooning (memory/balloon.py) through the back-door port 0x5670; native: target 0.
         self.balloon = Balloon(self.p2m, maxmemctl=config.maxmemctl) if self.p2m is not None else None
         self.backdoor = BackdoorBalloon(self.balloon, self.vcpu.reg, self.vcpu.set_reg,
@@ -171,6 +184,12 @@ class VM:
 
     def _load(self, image: GuestImage) -> None:
         """Copy the image into guest-physical memory and set the entry state (GUEST-ABI.md)."""
+        if image.boot is not None:  # a Multiboot / ELF64 kernel (hvmodel.boot.loader)
+            try:
+                image.boot.install(self)
+            except GuestMemoryError as e:
+                raise VMError(f"cannot load the kernel: {e}") from None
+            return
         try:
             self.ram.write_gpa(image.load_addr, image.code)
         except GuestMemoryError as e:
@@ -181,6 +200,35 @@ class VM:
         v.set_reg(X.UC_X86_REG_RDI, self.config.memsize)
         v.set_reg(X.UC_X86_REG_RSI, self.config.guest_arg)
         v.set_reg(X.UC_X86_REG_RFLAGS, 0x2)
+
+    def _map_apic(self, pool: MachinePool | None) -> LocalApic:
+        """The local APIC's MMIO page at GPA 0xFEE00000 (through the p2m, or flat in native)."""
+        apic = LocalApic(self.clock)
+        vcpu = self.vcpu
+
+        def read(_uc, offset: int, size: int, _ud) -> int:
+            try:
+                return apic.read(offset, size)
+            except BaseException as exc:
+                vcpu._hook_failed(exc)
+                return 0
+
+        def write(_uc, offset: int, size: int, value: int, _ud) -> None:
+            # No slice end here: emu_stop() from an MMIO write leaves RIP on the store,
+            # which would run again (measured on 2.1.4). A new timer deadline is seen at
+            # the next exit (HLT, I/O to the PIT/PIC, an exception, the slice's end).
+            try:
+                apic.write(offset, size, value)
+            except BaseException as exc:
+                vcpu._hook_failed(exc)
+
+        if self.native:
+            machine = APIC_BASE
+        else:
+            machine = pool.device_frame << PAGE_SHIFT
+            self.p2m.mmio[APIC_BASE >> PAGE_SHIFT] = pool.device_frame
+        vcpu.uc.mmio_map(machine, APIC_SIZE, read, None, write, None)
+        return apic
 
     def _drop_code(self) -> None:
         # Frames that held translated code are about to be reused: drop it all.
@@ -195,6 +243,10 @@ class VM:
         return self.vcpu.now() + self.idle_insns
 
     # -- devices ---------------------------------------------------------------------
+
+    def _on_shutdown_port(self) -> None:
+        self.vcpu.request_exit(VmExit(ExitReason.POWER_OFF, status=0,
+                                      message='guest wrote "Shutdown" to the Bochs shutdown port 0x8900'))
 
     def _on_debug_exit(self, status: int) -> None:
         self.vcpu.request_exit(VmExit(ExitReason.POWER_OFF, status=status,
@@ -226,6 +278,8 @@ class VM:
         now = self.clock()
         if self.pit.fire(now):
             self.pic.raise_irq(0)
+        if self.apic is not None:
+            self.apic.fire(now)
         self._maybe_interrupt()
         if self.stop_reason:
             return None
@@ -237,10 +291,10 @@ class VM:
         budget = min(self.config.slice_insns, left)
         if limit is not None:
             budget = min(budget, limit)
-        deadline = self.pit.next_irq(now)
+        deadline = self._next_deadline(now)
         if deadline is not None and deadline > now:
             budget = min(budget, deadline - now)
-        if self.pic.pending() is not None:
+        if self._irq_waiting():
             # An interrupt waits for RFLAGS.IF (an "interrupt window"): look again at the
             # next multiple of W instructions of guest time, W growing from 16 to 1024
             # the longer it waits. Boundaries in guest time, not in slices, so every
@@ -265,11 +319,27 @@ class VM:
             return VmExit(ExitReason.ERROR, message=str(e))
         return ex
 
+    def _next_deadline(self, now: int) -> int | None:
+        """The next timer event (PIT or APIC timer) in guest time, or None."""
+        d = self.pit.next_irq(now)
+        if self.apic is not None:
+            a = self.apic.next_irq(now)
+            if a is not None and (d is None or a < d):
+                d = a
+        return d
+
+    def _irq_waiting(self) -> bool:
+        return self.pic.pending() is not None or (self.apic is not None and self.apic.pending() is not None)
+
     def _maybe_interrupt(self) -> None:
         vcpu = self.vcpu
-        if self.pic.pending() is None or not vcpu.reg(X.UC_X86_REG_RFLAGS) & 0x200:
+        if not self._irq_waiting() or not vcpu.reg(X.UC_X86_REG_RFLAGS) & 0x200:
             return
-        vector = self.pic.ack()
+        # The APIC's own (fixed) interrupts first; the PIC's arrive as ExtINT through LINT0.
+        if self.apic is not None and self.apic.pending() is not None:
+            vector = self.apic.ack()
+        else:
+            vector = self.pic.ack()
         self._deliver(vector, external=True)
 
     def _dispatch(self, ex: VmExit) -> None:
@@ -305,9 +375,9 @@ class VM:
             self._stop("power_off", "guest halted with interrupts disabled (cli; hlt): powered off", status=0)
             return
         now = self.clock()
-        if self.pic.pending() is not None:
+        if self._irq_waiting():
             return
-        deadline = self.pit.next_irq(now)
+        deadline = self._next_deadline(now)
         if deadline is None:
             self._stop("deadlock", "guest halted waiting for an interrupt, but no timer is programmed",
                        status=None)
@@ -354,6 +424,9 @@ class VM:
             c.update(self.balloon.counters())
         c["io_unknown_reads"] = sum(self.io.unknown_reads.values())
         c["io_unknown_writes"] = sum(self.io.unknown_writes.values())
+        c["io_port80_writes"] = self.io.port80_writes
+        if self.apic is not None:
+            c.update(self.apic.counters())
         return c
 
     def memory_counters(self) -> dict[str, object]:
