@@ -24,7 +24,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 
 from ..mmu.p2m import AllocationBlocked
-from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_1G, WALK_LARGE, paging_ctl, walk
+from ..mmu.walk import CR0_PG, EFER_LMA, ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_1G, WALK_LARGE, paging_ctl, walk
 from .cpustate import CpuStateEditor, verify_offsets
 from .cpuid import cpuid
 from .exits import GP, PF, UD, ExitReason, VmExit
@@ -87,6 +87,11 @@ class _Msr(ctypes.Structure):
 class _Mmr(ctypes.Structure):
     _fields_ = (("selector", ctypes.c_uint16), ("base", ctypes.c_uint64),
                 ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32))
+
+
+class UnsupportedPagingMode(Exception):
+    """The guest turned on a paging mode the VMM does not model (32-bit or PAE paging
+    without long mode): stopping is better than walking its tables as 4-level ones."""
 
 
 class GuestAccessFault(Exception):
@@ -183,6 +188,10 @@ class VCpu:
         try:
             uclib.uc_reg_read_batch(self.h, self._reg_ids, self._reg_ptrs, self._nregs)
             cr0, cr3, cr4, cs, rflags = self._regs
+            if cr0 & CR0_PG and not self._efer.val & EFER_LMA:
+                raise UnsupportedPagingMode(
+                    f"the guest enabled paging without long mode (CR0 {cr0:#x}, EFER {self._efer.val:#x}): "
+                    "32-bit and PAE paging are not modelled, only 4-level paging in long mode")
             acc = access - 16
             user = cs & 3 == 3
             implicit = user and acc != ACC_FETCH and self._is_system_table(vaddr)

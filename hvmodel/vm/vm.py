@@ -42,7 +42,7 @@ from ..machine.swap import SwapDevice
 from ..memory.balloon import Balloon
 from .events import EventInjector, TripleFault
 from .exits import PF, ExitReason, VmExit, vector_name
-from .vcpu import VCpu
+from .vcpu import UnsupportedPagingMode, VCpu
 
 MIB = 1 << 20
 DEFAULT_MEM = 64 * MIB
@@ -316,6 +316,9 @@ class VM:
             self._dispatch(ex)
         except GuestMemoryError as e:
             self._stop("host_failure" if e.host_failure else "guest_memory", str(e), status=None)
+            return VmExit(ExitReason.ERROR, message=str(e))
+        except UnsupportedPagingMode as e:
+            self._stop("unsupported_mode", str(e), status=None)
             return VmExit(ExitReason.ERROR, message=str(e))
         return ex
 
