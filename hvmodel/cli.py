@@ -420,9 +420,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  each was a 2D walk through the guest's tables and the VMM's nested tables: "
           f"{c['walk_refs']:,} memory references in {c['walks']:,} walks "
           f"({c['walk_refs'] / max(1, c['walks']):.1f} per walk, 24 at most)")
-    print(f"  {c['ept_violations']:,} EPT violations backed {c['frames_allocated']:,} guest pages "
-          f"with machine frames on first touch; the VMM's nested tables use "
-          f"{c['nested_table_frames']} frames")
+    lp = c.get("large_pages_backed", 0)
+    print(f"  {c['ept_violations']:,} EPT violations; {c['frames_allocated']:,} first touches backed "
+          f"{c['guest_pages_backed']:,} guest pages with machine frames"
+          + (f", as {lp} large pages (2 MiB, 512 frames each: backed whole when the host has "
+             f"memory to spare, Mem.AllocGuestLargePage)" if lp else "")
+          + f"; the VMM's nested tables use {c['nested_table_frames']} frames")
     print(f"  host: {host.pool.used_frames:,} of {host.pool.nframes:,} machine frames in use")
     return _exit_status(r)
 
