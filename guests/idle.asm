@@ -10,14 +10,7 @@
 %include "runtime/balloon.inc"
 
 %define SECONDS      12
-%define HZ           100
-%define PIT_DIVISOR  11932
-%define WS_PAGES     256
-%define REUSE_PAGES  32
 %define SCRATCH_PAGES 5120
-%define SAMPLE_PAGES 32
-%define WS_KEY       0x5ba1100a00000000
-%define REUSE_KEY    0x0dd5eed000000000
 %define BUSY_PAGES   0
 %define BUSY_RAMP    0
 %define BUSY_START   0
