@@ -36,8 +36,8 @@ from .memory.compress import CompressionCache
 from .memory.sharing import PageSharing, SharingConfig
 from .memory.states import MemoryStates, min_free
 from .memory.swap import HypervisorSwap
-from .mmu.p2m import P2M, P2MState
-from .vm.exits import ExitReason
+from .mmu.p2m import P2M, GuestMemoryError, P2MState
+from .vm.exits import ExitReason, VmExit
 from .vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
 
 DEFAULT_HOST_MEM = 256 * MIB
@@ -67,6 +67,7 @@ class HostConfig:
     zip_max_pct: float = 10.0        # Mem.MemZipMaxPct: compression cache cap, % of VM memory
     zip_enable: bool = True          # Mem.MemZipEnable
     large_pages: bool = True         # Mem.AllocGuestLargePage: 2 MiB machine pages when possible
+    share_scrub_pages: int = 1024    # shared frames whose content checksum each policy call verifies
 
 
 class Host:
@@ -97,6 +98,10 @@ class Host:
         self.targets: dict[int, int] = {}
         self.balloon_set: dict[int, int] = {}   # balloon targets the host itself set
         self.final: dict[int, VMResult] = {}     # results of VMs powered off (memory released)
+        # Called with a VM that stopped while others run, just before its memory is released
+        # (fault-injection digests read its final memory here).
+        self.before_power_off: list = []
+        self.sharing.on_corrupt = self._corrupt
 
     # -- admission --------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class Host:
         """Wire a VM's p2m to the host's reclaim and sharing hooks (VM calls this)."""
         p2m.reclaim = self._reclaim_now
         p2m.unshared = self.sharing.unshared
+        p2m.verify_shared = self._verify_shared
         p2m.blocked = self._blocked
         p2m.large_ok = self.states.state == "high"
         p2m.large_enabled = p2m.large_enabled and self.config.large_pages
@@ -210,6 +216,8 @@ class Host:
         if vm.triple_fault_report:
             r.message = vm.triple_fault_report
         self.final[vm.id] = r
+        for cb in self.before_power_off:
+            cb(vm)
         vm.close()
 
     def policy(self, vm: VM, insns: int) -> None:
@@ -222,6 +230,7 @@ class Host:
         if vm.p2m is None:
             return
         seconds = insns * NS_PER_INSN * 1e-9
+        self.sharing.scrub(self.config.share_scrub_pages)
         self._sample(vm)
         state = self.states.update(self.pool.free_frames * PAGE_SIZE)
         self._compute_targets()
@@ -331,11 +340,50 @@ class Host:
         for vm in self._by_consumption():
             if vm.p2m.swap is None:
                 continue
-            z, s = self.swapper.reclaim(vm, n - done)
+            try:
+                z, s = self.swapper.reclaim(vm, n - done)
+            except GuestMemoryError as e:
+                # A swap write or decompression failed: that VM's page is lost, stop it —
+                # not the VM whose allocation asked for the reclaim.
+                self._fail_vm(vm, str(e))
+                continue
             done += z + s
             if done >= n:
                 break
         return done
+
+    # -- damaged memory ---------------------------------------------------------------------
+
+    def _fail_vm(self, vm: VM, message: str) -> None:
+        """Stop ``vm`` because the host lost or damaged its memory (``message`` names the page)."""
+        if vm.stopped:
+            return
+        if vm.vcpu._running:
+            # Inside this VM's own fill (an in-fill reclaim): end the slice now.
+            vm.vcpu.request_exit(VmExit(ExitReason.ERROR, message=message))
+        vm._stop("host_failure", message, status=None)
+
+    def _verify_shared(self, frame: int) -> str | None:
+        """p2m hook before a copy-on-write break: a damaged shared frame stops all its users."""
+        why = self.sharing.verify(frame)
+        if why is not None:
+            self._corrupt(frame, why, list(self.sharing.mappers.get(frame, ())))
+        return why
+
+    def _corrupt(self, frame: int, why: str, users: list) -> None:
+        """A shared frame failed its checksum: stop every VM that maps it, naming its page."""
+        by_p2m = {id(v.p2m): v for v in self.vms if v.p2m is not None}
+        if frame == ZERO_FRAME:
+            # Every untouched or zero-shared page reads through the zero frame.
+            for v in by_p2m.values():
+                st, val = v.p2m.state, v.p2m.value
+                hit = np.flatnonzero(((st == P2MState.SHARED) & (val == ZERO_FRAME)) | (st == P2MState.UNBACKED))
+                if len(hit):
+                    users = users + [(v.p2m, int(hit[0]))]
+        for p2m, gfn in users:
+            v = by_p2m.get(id(p2m))
+            if v is not None:
+                self._fail_vm(v, str(GuestMemoryError(gfn, why, host_failure=True)))
 
     def _by_consumption(self) -> list[VM]:
         """VMs to reclaim from, first the one furthest above its target (min-funding revocation)."""

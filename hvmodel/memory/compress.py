@@ -120,26 +120,29 @@ class CompressionCache:
 
     def load(self, gfn: int, remove: bool = True) -> bytes:
         """Decompress ``gfn``'s page, verifying its checksum; remove it unless told not to."""
-        frame, slot, nslots, length, csum = self.entries[gfn]
-        off = (frame << PAGE_SHIFT) + slot * SLOT
+        frame, slot, nslots, length, csum = entry = self.entries[gfn]
         if remove:
             del self.entries[gfn]
             self._give(frame, slot, nslots)
+        data = self._decode(entry)
+        if remove:
+            self.unzipped += 1
+        return data
+
+    def peek(self, gfn: int) -> bytes:
+        """``gfn``'s page, verified, without removing it (reports, the checker)."""
+        return self._decode(self.entries[gfn])
+
+    def _decode(self, entry: tuple) -> bytes:
+        frame, slot, _, length, csum = entry
+        off = (frame << PAGE_SHIFT) + slot * SLOT
         try:
             data = zlib.decompress(bytes(self.pool.mv[off:off + length]))
         except zlib.error as e:
             raise CompressionError(f"compressed page does not decompress: {e}") from None
         if len(data) != PAGE_SIZE or xxhash.xxh3_64_intdigest(data) != csum:
             raise CompressionError("compressed page fails its checksum")
-        if remove:
-            self.unzipped += 1
         return data
-
-    def peek(self, gfn: int) -> bytes:
-        """``gfn``'s page without removing it (reports, the checker)."""
-        frame, slot, _, length, _ = self.entries[gfn]
-        off = (frame << PAGE_SHIFT) + slot * SLOT
-        return zlib.decompress(bytes(self.pool.mv[off:off + length]))
 
     def lru(self) -> int | None:
         """The least recently stored page (the next to leave for swap), or None."""

@@ -90,6 +90,13 @@ class PageSharing:
         self.zero_shares = 0
         self.shares = 0
         self.lpage_shareable = 0   # matches found in large pages while they may not be broken
+        # Content checksums: a shared frame's key holds the xxh3 of the content it was
+        # shared with (the zero frame: ZERO_HASH). verify() checks it on a copy-on-write
+        # break, when the last user takes the frame back, and in scrub() rounds.
+        self.on_corrupt = None        # host hook: on_corrupt(frame, why, [(p2m, gfn), ...])
+        self.scrub_cursor = 0
+        self.frames_scrubbed = 0
+        self.checksum_failures = 0
 
     # -- salts ------------------------------------------------------------------------
 
@@ -203,6 +210,47 @@ class PageSharing:
         self.mappers[frame] = [(p2m, hgfn)]
         return True
 
+    # -- content checksums -----------------------------------------------------------
+
+    def verify(self, frame: int) -> str | None:
+        """None if shared ``frame`` still holds what it was shared with, else why not."""
+        if frame == ZERO_FRAME:
+            want = ZERO_HASH
+        else:
+            key = self.frame_key.get(frame)
+            if key is None:
+                return None   # not (or no longer) a shared frame
+            want = key[1]
+        off = frame << PAGE_SHIFT
+        if xxhash.xxh3_64_intdigest(self.pool.mv[off:off + PAGE_SIZE]) == want:
+            return None
+        self.checksum_failures += 1
+        return f"shared frame {frame:#x} fails its content checksum (changed since it was shared)"
+
+    def scrub(self, n: int) -> list[tuple[int, str]]:
+        """Verify the zero frame and up to ``n`` shared frames, round-robin; return the bad ones.
+
+        A bad frame is reported through ``on_corrupt`` with every guest page mapping it,
+        so the host can stop those VMs before more of them read it.
+        """
+        frames = [ZERO_FRAME]
+        shared = list(self.mappers)
+        if shared and n > 0:
+            start = self.scrub_cursor % len(shared)
+            frames += (shared[start:] + shared[:start])[:n]
+            self.scrub_cursor = start + n
+        bad = []
+        for frame in frames:
+            why = self.verify(frame)
+            self.frames_scrubbed += 1
+            if why is None:
+                continue
+            bad.append((frame, why))
+            if self.on_corrupt is not None:
+                users = list(self.mappers.get(frame, ()))
+                self.on_corrupt(frame, why, users)
+        return bad
+
     def unshared(self, frame: int, p2m, gfn: int) -> None:
         """p2m hook: ``gfn`` stopped mapping the shared ``frame`` (copy-on-write, power-off).
 
@@ -218,6 +266,7 @@ class PageSharing:
             pass
         if len(users) > 1:
             return
+        why = self.verify(frame) if users else None  # the last user must not inherit damage
         del self.mappers[frame]
         key = self.frame_key.pop(frame, None)
         if key is not None and self.shared.get(key) == frame:
@@ -226,6 +275,8 @@ class PageSharing:
             if p.state[g] == P2MState.SHARED and int(p.value[g]) == frame:
                 p.state[g] = P2MState.PRIVATE
                 self.pool.cow[frame] = False
+        if why is not None and self.on_corrupt is not None:
+            self.on_corrupt(frame, why, users)
 
     def forget_vm(self, vm: "VM") -> None:
         """A VM powered off: drop its hints and scan state."""
@@ -255,5 +306,7 @@ class PageSharing:
             "pages_scanned": self.pages_scanned,
             "hash_collisions": self.collisions,
             "lpage_shareable": self.lpage_shareable,
+            "frames_scrubbed": self.frames_scrubbed,
+            "shared_checksum_failures": self.checksum_failures,
             "general_profit": (pages_sharing + zero) * PAGE_SIZE - items * RMAP_ITEM_BYTES,
         }

@@ -281,7 +281,7 @@ class NestedMMU:
             i = (table | ((gfn >> shift) & 0x1FF) << 3) >> 3
             e = q[i]
             if not e & EPT_RWX:
-                e = (self._new_table() << PAGE_SHIFT) | EPT_RWX
+                e = (self._new_table(gfn) << PAGE_SHIFT) | EPT_RWX
                 q[i] = e
             table = e & ADDR_MASK
         return (table | ((gfn >> 9) & 0x1FF) << 3) >> 3
@@ -295,12 +295,13 @@ class NestedMMU:
             self._drop_large(i, gfn >> 9)  # no longer mapped 2 MiB (sampling watches it)
             e = 0
         if not e & EPT_RWX:
-            e = (self._new_table() << PAGE_SHIFT) | EPT_RWX
+            e = (self._new_table(gfn) << PAGE_SHIFT) | EPT_RWX
             q[i] = e
         return ((e & ADDR_MASK) | (gfn & 0x1FF) << 3) >> 3
 
-    def _new_table(self) -> int:
-        frame = self.pool.alloc(OWNER_VMM)
+    def _new_table(self, gfn: int = -1) -> int:
+        # Serving gfn: reclaim if the pool is empty, else stop the VM naming the page.
+        frame = self.pool.alloc(OWNER_VMM) if gfn < 0 else self.p2m.alloc_vmm(gfn)
         self.table_frames.add(frame)
         return frame
 

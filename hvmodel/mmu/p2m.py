@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..machine.pool import LARGE_FRAMES, PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, HostOutOfMemory, MachinePool
+from ..machine.pool import LARGE_FRAMES, OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, HostOutOfMemory, MachinePool
 from ..machine.swap import SwapDevice, SwapError
 
 
@@ -113,6 +113,8 @@ class P2M:
         # longer maps the shared frame.
         self.reclaim: Callable[[int, "P2M"], int] | None = None
         self.unshared: Callable[[int, "P2M", int], None] | None = None
+        # verify_shared(frame) -> None, or why the shared frame fails its content checksum.
+        self.verify_shared: Callable[[int], str | None] | None = None
         # Recently resolved gfns: a reclaim in the middle of a fill must not take them.
         self.recent: list[int] = []
         # Active-memory sampling (memory/alloc.py): the gfns being watched this period and
@@ -240,24 +242,40 @@ class P2M:
         """2 MiB pages currently backing this VM."""
         return int(np.count_nonzero(self.large))
 
-    def _alloc(self, gfn: int) -> int:
+    def _alloc(self, gfn: int, owner: int | None = None, what: str = "") -> int:
         pool = self.pool
-        if self.blocked is not None and self.blocked(self):
-            self.allocs_blocked += 1
-            raise AllocationBlocked(gfn)
+        if owner is None:   # a guest page (the VMM's own tables are never blocked)
+            owner = self.owner
+            if self.blocked is not None and self.blocked(self):
+                self.allocs_blocked += 1
+                raise AllocationBlocked(gfn)
         try:
-            return pool.alloc(self.owner)
+            return pool.alloc(owner)
         except HostOutOfMemory as e:
-            if self.reclaim is not None and self.reclaim(1, self):
-                try:
-                    return pool.alloc(self.owner)
-                except HostOutOfMemory:
-                    pass
-            raise GuestMemoryError(gfn, f"host out of memory: {e}", host_failure=True) from None
+            # Reclaim, then try once more even if nothing was freed: an allocation can
+            # fail transiently (a frame still holding translated code, an injected fault).
+            if self.reclaim is not None:
+                self.reclaim(1, self)
+            try:
+                return pool.alloc(owner)
+            except HostOutOfMemory:
+                raise GuestMemoryError(gfn, f"host out of memory{what}: {e}", host_failure=True) from None
+
+    def alloc_vmm(self, gfn: int) -> int:
+        """A frame for the VMM's own tables (nested, shadow) while serving ``gfn``.
+
+        Reclaims like a guest allocation; raises GuestMemoryError naming ``gfn``.
+        """
+        return self._alloc(gfn, OWNER_VMM, " for the VMM's page tables")
 
     def _break_cow(self, gfn: int, frame: int) -> int:
         """A write to a shared page: give this gfn a private copy."""
         pool = self.pool
+        if self.verify_shared is not None:
+            # The copy (or the frame itself) must not carry a corrupted shared page on.
+            bad = self.verify_shared(frame)
+            if bad:
+                raise GuestMemoryError(gfn, bad, host_failure=True)
         self.cow_breaks += 1
         if frame != ZERO_FRAME and pool.refcount[frame] == 1:
             # The last sharer: no copy needed, the frame simply becomes private.

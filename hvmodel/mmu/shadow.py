@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..machine.pool import LARGE_FRAMES, OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, MachinePool
+from ..machine.pool import LARGE_FRAMES, PAGE_SHIFT, ZERO_FRAME, MachinePool
 from .p2m import P2M
 from .walk import (ACC_WRITE, ADDR_MASK, CTL_PG, PERM_RWX, PERM_W, PTE_A, PTE_D, PTE_NX, PTE_P,
                    PTE_PS, PTE_RW, PTE_US, WALK_1G, WALK_2M, WALK_LARGE, walk)
@@ -382,7 +382,7 @@ class ShadowMMU:
             return sp
         if len(self.pages) >= self.max_pages:
             self._evict(keep)
-        frame = self.pool.alloc(OWNER_VMM)
+        frame = self.p2m.alloc_vmm(gfn)
         sp = ShadowPage(gfn, role, frame)
         self.pages[(gfn, role)] = sp
         if role & _ROLE_DIRECT:

@@ -174,6 +174,8 @@ class VM:
         self.events = EventInjector(self.vcpu)
         self.guest_page_faults = 0
         self.blocked_exits = 0
+        # Armed fault injection (hvmodel/inject/arm.py), or None: then step() pays one check.
+        self.inject = None
         self.exit_status: int | None = None
         self.stop_reason = ""
         self.message = ""
@@ -275,6 +277,8 @@ class VM:
         instruction counts). Returns the exit, or None if the VM stopped before running.
         """
         vcpu = self.vcpu
+        # Faults due at this slice boundary fire first; ``cut`` ends the slice at the next one.
+        cut = self.inject.at_slice(self) if self.inject is not None else None
         now = self.clock()
         if self.pit.fire(now):
             self.pic.raise_irq(0)
@@ -294,6 +298,8 @@ class VM:
         deadline = self._next_deadline(now)
         if deadline is not None and deadline > now:
             budget = min(budget, deadline - now)
+        if cut is not None:
+            budget = min(budget, cut)
         if self._irq_waiting():
             # An interrupt waits for RFLAGS.IF (an "interrupt window"): look again at the
             # next multiple of W instructions of guest time, W growing from 16 to 1024
