@@ -92,6 +92,25 @@ def _build_parser() -> argparse.ArgumentParser:
                                                         "(0: any free port, printed on stderr)")
     run.add_argument("-S", dest="gdb_wait", action="store_true",
                      help="with --gdb: stop before the first instruction until the debugger continues")
+    _add_fault_options(run)
+    run.add_argument("--record", metavar="FILE", help="record the run (inputs, faults fired, checkpoints, "
+                                                      "final state) for `hvmodel replay FILE`")
+
+    rp = sub.add_parser("replay", help="run a recorded run again and check it reaches the same state")
+    rp.add_argument("recording", help="a file written by `hvmodel run ... --record FILE`")
+
+    cp = sub.add_parser("campaign", help="run many (guest x scenario x fault x seed) runs and classify "
+                                         "their outcomes")
+    cp.add_argument("spec", help="campaign file (TOML; see docs/FAULTS.md)")
+    cp.add_argument("--workers", type=_positive_int, default=None,
+                    help="local worker processes (default: one per CPU)")
+    cp.add_argument("--cluster", metavar="ADDRESS",
+                    help="run on an existing Dask cluster (scheduler address, e.g. tcp://host:8786); "
+                         "needs the `cluster` extra")
+    cp.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                    help="override the spec: seeds 1..N")
+    cp.add_argument("--json", metavar="FILE", help="also write every run's outcome as JSON")
+    cp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the hello guest and explain what the hypervisor did")
     _add_vm_options(demo)
@@ -178,6 +197,43 @@ def _workload_list(text: str) -> tuple[str, ...]:
 VMM_MODES = tuple(m for m in MMU_MODES if m != "native")
 
 
+def _fault(text: str):
+    from .inject import InjectError, parse_fault
+    try:
+        return parse_fault(text)
+    except InjectError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_fault_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=None,
+                   help="the run's seed: the host's random choices and the faults' triggers and targets")
+    p.add_argument("--fault", type=_fault, action="append", metavar="NAME[:K=V,...]",
+                   help="arm a named fault, e.g. swap-read-error:nth=2 or inject-exception:13,at=50000 "
+                        "(repeatable; docs/FAULTS.md lists them)")
+
+
+def parse_run_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the arguments of ``hvmodel run`` (no program exit: CliError on bad usage)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = _build_parser().parse_args(["run", *argv])
+    except SystemExit:
+        msg = err.getvalue().strip().splitlines()
+        raise CliError(f"bad run arguments {argv!r}: {msg[-1] if msg else 'see hvmodel run --help'}",
+                       EXIT_USAGE) from None
+    args.argv = list(argv)
+    return args
+
+
+def run_seed(args: argparse.Namespace, host: Host) -> int:
+    """The seed of a run: ``--seed``, else the host's (scenario) seed."""
+    return args.seed if getattr(args, "seed", None) is not None else host.config.seed
+
+
 def _mode_list(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MMU_MODES or m == "native"]
@@ -241,11 +297,17 @@ def _host_config(args: argparse.Namespace, base: HostConfig | None = None) -> Ho
         cfg.sharing.rate_max = args.share_rate_max
     if getattr(args, "salt", None) is not None:
         cfg.sharing.force_salting = 1
+    if getattr(args, "seed", None) is not None:
+        cfg.seed = args.seed
     return cfg
 
 
-def _build_host(args: argparse.Namespace, echo: bool) -> Host:
-    """Power on the VMs of a scenario file, or ``--vms`` copies of one guest."""
+def _build_host(args: argparse.Namespace, echo: bool, images: dict | None = None) -> Host:
+    """Power on the VMs of a scenario file, or ``--vms`` copies of one guest.
+
+    ``images`` (guest path -> GuestImage) is used and filled as the image cache: a
+    recording keeps the images a run used, a replay hands them back.
+    """
     target = Path(args.guest)
     if target.suffix == ".toml":
         try:
@@ -260,7 +322,8 @@ def _build_host(args: argparse.Namespace, echo: bool) -> Host:
                                           memsize=args.mem, mmu=args.mmu,
                                           pshare_salt=getattr(args, "salt", None)), target)
                  for i in range(getattr(args, "vms", 1))]
-    images: dict[Path, object] = {}
+    if images is None:
+        images = {}
     out = sys.stdout.buffer
 
     def echo_fn(data: bytes) -> None:
@@ -353,23 +416,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("-S needs --gdb", EXIT_USAGE)
     if args.gdb:
         _gdb_port(args.gdb)  # a bad spec is a usage error before anything starts
-    host = _build_host(args, echo)
+    images: dict | None = {} if args.record else None
+    host = _build_host(args, echo, images)
     try:
-        if args.gdb:
-            results = _run_gdb(host, args)
-        elif args.top:
-            from rich.console import Console
-            from rich.live import Live
-            console = Console()
-            if not console.is_terminal:
-                console = Console(width=160)  # a pipe or a file: keep every column readable
-            with Live(stats.rich_table(host), console=console, refresh_per_second=4, transient=False) as live:
-                results = host.run(args.max_insns, on_round=lambda h: live.update(stats.rich_table(h)))
-        else:
-            results = host.run(args.max_insns)
+        session = _session(host, args)
+        rounds = session.on_round if session is not None else None
+        try:
+            if args.gdb:
+                results = _run_gdb(host, args)
+            elif args.top:
+                from rich.console import Console
+                from rich.live import Live
+                console = Console()
+                if not console.is_terminal:
+                    console = Console(width=160)  # a pipe or a file: keep every column readable
+                with Live(stats.rich_table(host), console=console, refresh_per_second=4, transient=False) as live:
+                    def top(h: Host) -> None:
+                        if rounds is not None:
+                            rounds(h)
+                        live.update(stats.rich_table(h))
+                    results = host.run(args.max_insns, on_round=top)
+            else:
+                results = host.run(args.max_insns, on_round=rounds)
+        except Exception:
+            if session is None or not args.fault:
+                raise
+            import traceback
+            print("hvmodel: the VMM crashed under fault injection (a bug):\n" + traceback.format_exc(),
+                  file=sys.stderr, end="")
+            print(f"hvmodel: reproduce: {_reproduce(args)}", file=sys.stderr)
+            return EXIT_HOST_FAILED
         for vm, r in zip(host.vms, results):
             if vm.triple_fault_report:
                 r.message = vm.triple_fault_report
+        digest = session.finish(results) if session is not None else None
+        if args.record:
+            from . import replay
+            try:
+                replay.write(args.record, digest, images)
+            except OSError as e:
+                raise CliError(f"--record: cannot write {args.record}: {e.strerror}", EXIT_USAGE) from None
         if args.plot:
             from . import plot
             try:
@@ -377,7 +463,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             except (ValueError, OSError) as e:
                 raise CliError(f"--plot: {e}", EXIT_USAGE) from None
         if args.json:
-            print(json.dumps({
+            out = {
                 "vms": [{"name": r.name, "exit_status": r.exit_status, "stop_reason": r.stop_reason,
                          "message": r.message, "console": r.console, "counters": r.counters,
                          "modeled_cycles": modeled_cycles(vm.config.mmu, r.counters).items}
@@ -385,7 +471,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "host": host.counters(),
                 "esxtop": stats.rows(host),
                 "milestones": milestones(host.timeline),
-            }, indent=2))
+            }
+            if digest is not None:
+                out["faults"] = digest.fired
+                out["memory_hash"] = {v.name: v.memory_hash for v in digest.vms}
+            print(json.dumps(out, indent=2))
         else:
             if len(results) == 1 and results[0].console and not results[0].console.endswith("\n") and echo:
                 print()
@@ -395,15 +485,41 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(stats.table(host))
                 if len(results) > 1:
                     print(format_milestones(milestones(host.timeline)))
+            if digest is not None and args.fault:
+                for f in digest.fired:
+                    print(f"hvmodel: fault {f['fault']} fired in {f['vm']} at instruction {f['insns']:,}: "
+                          f"{f['detail']}", file=sys.stderr)
+                if not digest.fired:
+                    print("hvmodel: no armed fault fired", file=sys.stderr)
         status = 0
         for r in results:
             if r.exit_status is None:
                 print(f"hvmodel: {r.name}: {r.message}", file=sys.stderr)
             if not status:
                 status = _exit_status(r)
+        if status and args.fault:
+            print(f"hvmodel: reproduce: {_reproduce(args)}", file=sys.stderr)
         return status
     finally:
         host.close()
+
+
+def _session(host: Host, args: argparse.Namespace):
+    """Arm the run's faults and record checkpoints when faults or a recording are asked for."""
+    if not (args.fault or args.record):
+        return None
+    from .inject import InjectError
+    from .runs import Session
+    try:
+        return Session(host, args.fault or [], run_seed(args, host), getattr(args, "argv", []))
+    except InjectError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+def _reproduce(args: argparse.Namespace) -> str:
+    """The one command that runs this run again."""
+    from .runs import command
+    return command(getattr(args, "argv", []))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -532,13 +648,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import ReplayError, replay
+    try:
+        res = replay(args.recording)
+    except ReplayError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    print("\n".join(res.lines))
+    return 0 if res.ok else 1
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from .campaign import CampaignError, load_spec, run_campaign
+    try:
+        spec = load_spec(args.spec)
+        if args.seeds:
+            spec.seeds = list(range(1, args.seeds + 1))
+        report = run_campaign(spec, workers=args.workers, cluster=args.cluster, progress=not args.quiet)
+    except CampaignError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    print(report.text())
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+        except OSError as e:
+            raise CliError(f"--json: cannot write {args.json}: {e.strerror}", EXIT_USAGE) from None
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hvmodel`` console script."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
     try:
         if args.cmd == "run":
+            args.argv = raw[1:]   # what reproduces this run (and what a recording keeps)
             return cmd_run(args)
+        if args.cmd == "replay":
+            return cmd_replay(args)
+        if args.cmd == "campaign":
+            return cmd_campaign(args)
         if args.cmd == "demo":
             return cmd_demo(args)
         if args.cmd == "check":

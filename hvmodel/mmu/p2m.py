@@ -367,13 +367,15 @@ class P2M:
     def _zip_to_swap(self, gfn: int) -> None:
         from ..memory.compress import CompressionError
         try:
-            data = self.zip.load(gfn)
+            data = self.zip.load(gfn, remove=False)   # kept until the swap write succeeded
         except CompressionError as e:
             raise GuestMemoryError(gfn, f"cannot decompress: {e}", host_failure=True) from None
         try:
             slot = self.swap.write(data)
         except SwapError as e:
             raise GuestMemoryError(gfn, f"cannot swap out: {e}", host_failure=True) from None
+        self.zip.drop(gfn)
+        self.zip.unzipped += 1
         self.value[gfn] = slot
         self.state[gfn] = P2MState.SWAPPED
         self.swap_outs += 1

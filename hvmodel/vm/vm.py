@@ -395,6 +395,8 @@ class VM:
             self.idle_insns += deadline - now
 
     def _stop(self, reason: str, message: str, status: int | None) -> None:
+        if self.stop_reason:
+            return   # the first cause stands (a host failure ends the slice with an error exit)
         self.stop_reason = reason
         self.message = message
         self.exit_status = status

@@ -1,0 +1,24 @@
+"""Fault injection: named faults armed by name, deterministic triggers, outcome classes.
+
+* :mod:`hvmodel.inject.faults` — the registry: every named fault, its parameters, where it
+  acts and its documented expected outcome (docs/FAULTS.md lists them);
+* :mod:`hvmodel.inject.arm` — when and where a fault fires (guest instruction N, the Kth
+  event of a kind, probability p under a seed) and the :class:`Injector` that arms a host;
+* :mod:`hvmodel.inject.outcome` — a run's outcome against the fault-free reference run:
+  recovered, detected, visible — or a bug (a traceback, an unnamed stop, a divergence the
+  fault does not allow, nondeterminism).
+
+Typical use::
+
+    from hvmodel.inject import Injector, parse_fault
+    inj = Injector([parse_fault("swap-read-error:nth=1")], seed=3)
+    inj.attach(host)          # after the VMs are powered on
+    host.run()
+    print(inj.log)            # what fired, where, at which guest instruction
+"""
+
+from .arm import Firing, Injector
+from .faults import FAULTS, FaultSpec, InjectError, parse_fault
+from .outcome import Outcome, classify
+
+__all__ = ["FAULTS", "FaultSpec", "Firing", "InjectError", "Injector", "Outcome", "classify", "parse_fault"]

@@ -1,0 +1,159 @@
+"""Record a run and replay it to the same instruction count and state.
+
+A run is a function of (image, scenario, seed, armed faults), all named by its
+``hvmodel run`` arguments (hvmodel/runs.py). ``hvmodel run ... --record FILE`` writes:
+
+* the arguments and the folder they were given in;
+* the guest images the run used (the assembled bytes, so an edited source does not
+  change the replay) and a SHA-256 of each scenario file (which must not change);
+* the event log: every fault that fired — which, in which VM, at which guest
+  instruction, what it did — and a checkpoint per host round (each VM's instruction
+  count and RIP);
+* the final state per VM: exit, instruction count, console and memory hashes.
+
+``hvmodel replay FILE`` runs the same arguments with the recorded images and compares
+everything: the first difference is reported (the first checkpoint that differs says
+in which round the runs parted); no difference means the replay reached the same
+instruction count and the same memory, byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .guest.asm import GuestImage
+from .runs import RunDigest, execute
+
+FORMAT = "hvmodel-recording/1"
+
+
+class ReplayError(ValueError):
+    """A recording that cannot be replayed (missing, malformed, inputs changed)."""
+
+
+@dataclass
+class ReplayResult:
+    """What a replay found: ``ok`` and the lines to print."""
+
+    ok: bool
+    lines: list[str] = field(default_factory=list)
+    digest: RunDigest | None = None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write(path: str | Path, digest: RunDigest, images: dict) -> None:
+    """Write a recording of the run ``digest`` describes, with the ``images`` it used."""
+    from . import cli
+    args = cli.parse_run_args(digest.argv)
+    scenario = None
+    target = Path(args.guest)
+    if target.suffix == ".toml":
+        scenario = {"path": str(target.resolve()), "sha256": _sha256(target)}
+    data = {
+        "format": FORMAT,
+        "argv": digest.argv,
+        "cwd": str(Path.cwd()),
+        "scenario": scenario,
+        "images": {str(k): {"code": base64.b64encode(zlib.compress(im.code)).decode(),
+                            "load_addr": im.load_addr, "entry": im.entry, "source_name": im.source_name,
+                            "sha256": hashlib.sha256(im.code).hexdigest()}
+                   for k, im in images.items()},
+        "run": digest.as_dict(),
+    }
+    Path(path).write_text(json.dumps(data, indent=1))
+
+
+def load(path: str | Path) -> dict:
+    """Read a recording; ReplayError if it is not one."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise ReplayError(f"recording {p}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ReplayError(f"recording {p}: not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ReplayError(f"recording {p}: not an hvmodel recording (format {FORMAT})")
+    return data
+
+
+def replay(path: str | Path) -> ReplayResult:
+    """Run a recording again; compare its events, checkpoints and final state."""
+    data = load(path)
+    cwd = Path(data["cwd"])
+    argv = list(data["argv"])
+    try:
+        want = RunDigest.from_dict(data["run"])
+        images = {}
+        for key, im in data["images"].items():
+            code = zlib.decompress(base64.b64decode(im["code"]))
+            if hashlib.sha256(code).hexdigest() != im["sha256"]:
+                raise ReplayError(f"recording {path}: image {key} is damaged (its SHA-256 does not match)")
+            images[_abs(cwd, key)] = GuestImage(code=code, load_addr=im["load_addr"], entry=im["entry"],
+                                                source_name=im["source_name"])
+    except (KeyError, TypeError, ValueError, zlib.error) as e:
+        if isinstance(e, ReplayError):
+            raise
+        raise ReplayError(f"recording {path}: malformed: {e}") from None
+    # The arguments were given relative to the recording's folder: make the target absolute.
+    from . import cli
+    args = cli.parse_run_args(argv)
+    target = _abs(cwd, args.guest)
+    argv = [str(target) if a == args.guest else a for a in argv]
+    sc = data.get("scenario")
+    if sc is not None:
+        sp = Path(sc["path"])
+        if not sp.exists():
+            raise ReplayError(f"recording {path}: scenario {sp} is missing")
+        if _sha256(sp) != sc["sha256"]:
+            raise ReplayError(f"recording {path}: scenario {sp} changed since the recording")
+    got = execute(argv, images=images)
+    got.argv = want.argv
+    lines = compare(want, got)
+    if not lines:
+        vms = ", ".join(f"{v.name}: {v.instructions:,} instructions, memory {v.memory_hash}, "
+                        f"exit {v.exit_status if v.exit_status is not None else v.stop_reason}" for v in got.vms)
+        return ReplayResult(True, [f"replay of {path}: identical ({len(got.fired)} fault firings, "
+                                   f"{len(got.checkpoints)} checkpoints): {vms}"], got)
+    return ReplayResult(False, [f"replay of {path} diverged:"] + [f"  {x}" for x in lines], got)
+
+
+def _abs(cwd: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else cwd / p
+
+
+def compare(want: RunDigest, got: RunDigest) -> list[str]:
+    """Differences between a recorded run and its replay (empty: identical)."""
+    out: list[str] = []
+    if got.error:
+        out.append("the replay crashed: " + got.error.strip().splitlines()[-1])
+    for i, (a, b) in enumerate(zip(want.fired, got.fired)):
+        if (a["fault"], a["vm"], a["insns"], a["detail"]) != (b["fault"], b["vm"], b["insns"], b["detail"]):
+            out.append(f"fault firing #{i + 1}: recorded {a['fault']} in {a['vm']} at {a['insns']:,}: "
+                       f"{a['detail']}; replayed {b['fault']} in {b['vm']} at {b['insns']:,}: {b['detail']}")
+            break
+    if len(want.fired) != len(got.fired):
+        out.append(f"{len(want.fired)} fault firings recorded, {len(got.fired)} replayed")
+    for a, b in zip(want.checkpoints, got.checkpoints):
+        if a != b:
+            out.append(f"checkpoint of round {a[0]}: recorded {a[1]}, replayed {b[1]}")
+            break
+    if len(want.checkpoints) != len(got.checkpoints):
+        out.append(f"{len(want.checkpoints)} rounds recorded, {len(got.checkpoints)} replayed")
+    for a, b in zip(want.vms, got.vms):
+        d = a.same_as(b)
+        if d:
+            out.append(f"{a.name}: {', '.join(d)} (recorded vs replayed)")
+    return out
+
+
+__all__ = ["FORMAT", "ReplayError", "ReplayResult", "compare", "load", "replay", "write"]
