@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from .inject import InjectError, Injector, parse_fault
+from .inject import InjectError, parse_fault
 from .inject.outcome import Outcome, classify
 from .runs import RunDigest, command, execute
 
@@ -253,9 +253,11 @@ class CampaignReport:
 
 
 def _reference_key(target: str, seed: int, fault_text: str) -> tuple:
-    # Dry runs are identical when their slices end at the same instructions.
-    inj = Injector([parse_fault(fault_text)], seed, dry=True)
-    return target, seed, tuple(inj.cuts())
+    # A site fault's dry run is the plain run (its wrappers change nothing): one reference
+    # per (target, seed) serves them all. A slice fault ends slices where its trigger and
+    # its own "nothing to act on yet" retries say, so its dry run is its own.
+    spec = parse_fault(fault_text)
+    return (target, seed, fault_text) if spec.fault.site == "slice" else (target, seed, "")
 
 
 def run_campaign(spec: CampaignSpec, *, workers: int | None = None, cluster: str | None = None,

@@ -102,7 +102,7 @@ def command(argv: list[str]) -> str:
 
 def memory_digest(vm: "VM") -> tuple[str, list[str]]:
     """xxh3 of every byte of ``vm``'s guest-physical memory, and the pages that could not be
-    read back intact (a swap slot or compressed page failing its checksum)."""
+    read back intact (a swap slot, compressed page or shared frame failing its checksum)."""
     h = xxhash.xxh3_64()
     bad: list[str] = []
     if vm.p2m is None:
@@ -111,6 +111,7 @@ def memory_digest(vm: "VM") -> tuple[str, list[str]]:
             h.update(ram.read_gpa(gpa, min(_CHUNK * PAGE_SIZE, ram.size - gpa)))
         return h.hexdigest(), bad
     p2m, pool = vm.p2m, vm.pool
+    sharing = vm.host.sharing if vm.host is not None else None
     frames = np.frombuffer(pool.buf, dtype=np.uint8).reshape(-1, PAGE_SIZE)  # the mmap, not a view that close() releases
     st, val = p2m.state, p2m.value
     for lo in range(0, p2m.npages, _CHUNK):
@@ -119,6 +120,11 @@ def memory_digest(vm: "VM") -> tuple[str, list[str]]:
         s = st[lo:hi]
         inram = np.flatnonzero((s == P2MState.PRIVATE) | (s == P2MState.SHARED))
         chunk[inram] = frames[val[lo:hi][inram]]
+        if sharing is not None:
+            for i in np.flatnonzero(s == P2MState.SHARED):   # shared frames: their content checksum
+                why = sharing.verify(int(val[lo + i]))
+                if why is not None:
+                    bad.append(f"guest page {lo + int(i):#x} (GPA {(lo + int(i)) << PAGE_SHIFT:#x}): {why}")
         for i in np.flatnonzero((s == P2MState.SWAPPED) | (s == P2MState.COMPRESSED)):
             gfn = lo + int(i)
             try:

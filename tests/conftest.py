@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ import pytest
 from hvmodel.guest.asm import build
 from hvmodel.host import Host, HostConfig
 from hvmodel.vm.vm import VMConfig
+
+# The hvmodel pytest plugin (fixtures hvrun, host, vm, guest; marker fault) comes through the
+# package's pytest11 entry point once installed; from a checkout that is not the installed
+# copy, load it here — never both (pytest refuses a plugin registered twice).
+if not any(ep.value == "hvmodel.pytest_plugin" for ep in entry_points(group="pytest11")):
+    pytest_plugins = ["hvmodel.pytest_plugin"]
 
 
 def run_asm(src: str, *, mem: int = 16 << 20, host_mem: int = 64 << 20, max_insns: int = 5_000_000,

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 # Event kinds that are counted once the operation happened (a slot was written, a page
 # stored); the others before it (so a fault can make it fail).
 AFTER_KINDS = frozenset({"swap-write", "compress"})
+# A slice fault that found nothing to act on (NotYet) tries again this many instructions later.
+RETRY_EVERY = 10_000
 
 
 @dataclass
@@ -147,23 +149,24 @@ class Injector:
 
     # -- arming -------------------------------------------------------------------------
 
-    def attach(self, host: "Host") -> "Injector":
-        """Arm every VM of ``host`` (call after powering them on) and check the specs."""
+    def attach(self, host: "Host", *, validate: bool = True) -> "Injector":
+        """Arm ``host`` and every VM it has (VMs powered on later: :meth:`arm_vm`).
+
+        ``validate=False`` defers the check of the specs against the VMs to the first
+        slice boundary (VMs still to come may be the ones the faults name).
+        """
         self.host = host
         if "alloc" in self._kinds():
             self._wrap(host.pool, "alloc", self._alloc_wrapper(host.pool.alloc))
         for vm in host.vms:
             self.arm_vm(vm)
-        self.validate()
+        if validate:
+            self.validate()
         return self
 
-    def arm_vm(self, vm: "VM", host: "Host | None" = None) -> None:
-        """Arm one VM (a VM powered on after :meth:`attach`, or one outside a host)."""
-        if host is not None and self.host is None:
-            self.host = host
-            if "alloc" in self._kinds():
-                self._wrap(host.pool, "alloc", self._alloc_wrapper(host.pool.alloc))
-        if vm.p2m is None:
+    def arm_vm(self, vm: "VM") -> None:
+        """Arm one VM (a VM powered on after :meth:`attach`)."""
+        if vm.p2m is None or not self.armed:
             return   # the reference MMU: nothing of the VMM to break (validate() says so if named)
         self.vms.append(vm)
         self._validated = False
@@ -213,11 +216,6 @@ class Injector:
         while self._undo:
             self._undo.pop()()
 
-    def cuts(self) -> list[tuple[str, int]]:
-        """Where slices end early for slice faults: ``[(vm, at)]`` (reference runs must match)."""
-        return sorted((str(a.spec.get("vm")), a.trigger.at) for a in self.armed
-                      if a.is_slice and a.on == "slice" and a.trigger.at > 0)
-
     # -- the VM.step hook -------------------------------------------------------------------
 
     def at_slice(self, vm: "VM") -> int | None:
@@ -243,6 +241,8 @@ class Injector:
                if a.is_slice and a.target is vm and a.on == "slice" and not a.trigger.exhausted
                and a.trigger.at > now]
         cut += [t - now for v, t, _ in self._later if v is vm and t > now]
+        if any(vm.id in a.pending for a in self.armed if a.is_slice):
+            cut.append(RETRY_EVERY)
         return min(cut) if cut else None
 
     # -- events -------------------------------------------------------------------------------
@@ -266,15 +266,19 @@ class Injector:
 
     def _fire(self, a: ArmedFault, vm: "VM", args: dict) -> bool:
         rec = Firing(a.spec.name, a.index, vm.config.name, vm.vcpu.now(), "", dry=self.dry)
-        if self.dry:
+        if self.dry and not a.is_slice:
             rec.detail = "dry run: not injected"
             self.log.append(rec)
             return False
-        ctx = FireContext(vm, self.host, a.rng, args, lambda t, cb: self._later.append((vm, t, cb)))
+        ctx = FireContext(vm, self.host, a.rng, args, lambda t, cb: self._later.append((vm, t, cb)),
+                          dry=self.dry)
         try:
             rec.detail = a.fault.act(a.spec, ctx)
+            if self.dry:
+                rec.detail = "dry run, not injected: " + rec.detail
         except NotYet:
-            a.pending.add(vm.id)   # nothing to act on yet: try again at the next slice boundary
+            # Nothing to act on yet: try again soon (a dry run decides exactly the same).
+            a.pending.add(vm.id)
             return False
         except GuestMemoryError as e:
             # The damage made the VMM lose a page while acting between slices.

@@ -259,6 +259,7 @@ class FireContext:
     rng: np.random.Generator
     args: dict
     later: Callable[[int, Callable[[], None]], None]   # run a callback at guest instruction N of vm
+    dry: bool = False   # choose the target (and raise NotYet) exactly as for real, but break nothing
 
 
 # -- the registry ---------------------------------------------------------------------------
@@ -300,7 +301,12 @@ class Fault:
         raise NotImplementedError
 
     def act(self, spec: FaultSpec, ctx: FireContext) -> str:
-        """Do the damage; return what was done (for the run's event log)."""
+        """Do the damage; return what was done (for the run's event log).
+
+        Slice faults are also called dry (``ctx.dry``): they must then choose exactly as
+        they would (same draws, same NotYet) and return before changing anything, so the
+        reference run ends its slices where the faulty run does.
+        """
         raise NotImplementedError
 
 
@@ -402,7 +408,9 @@ class FrameBitflip(Fault):
                     "the differential check sees the changed memory) — or recovered when the guest "
                     "overwrites the byte first. A shared frame: detected by its content checksum (scrub, "
                     "copy-on-write break), every VM mapping it stopped naming its page — or visible if a "
-                    "guest reads the byte before the scrub reaches the frame")
+                    "guest reads the byte before the scrub reaches the frame. An explicit `frame`: "
+                    "whichever of these its content decides (a VMM table, a free frame, the zero "
+                    "frame — which is checksummed too)")
     params = (Param("gfn", _nonneg, None, "flip in the frame backing this guest page"),
               Param("frame", _nonneg, None, "flip in this machine frame"),
               Param("shared", _bool, False, "pick a frame shared by page sharing (copy-on-write)"),
@@ -410,6 +418,8 @@ class FrameBitflip(Fault):
               Param("bit", _nonneg, None, "bit in the byte, 0-7 (default: drawn under the seed)"))
 
     def expected(self, spec, ctx):
+        if spec.get("frame") is not None:
+            return frozenset({"detected", "visible", "recovered"})   # whatever that frame holds
         if spec.get("shared"):
             return frozenset({"detected", "visible"})
         return frozenset({"visible", "recovered"})
@@ -444,8 +454,9 @@ class FrameBitflip(Fault):
         off = int(ctx.rng.integers(PAGE_SIZE)) if off is None else off % PAGE_SIZE
         bit = spec.get("bit")
         bit = int(ctx.rng.integers(8)) if bit is None else bit % 8
-        _flip(pool.mv, (frame << PAGE_SHIFT) + off, bit)
-        _drop_translated_code(pool, frame)
+        if not ctx.dry:
+            _flip(pool.mv, (frame << PAGE_SHIFT) + off, bit)
+            _drop_translated_code(pool, frame)
         return f"flipped bit {bit} of byte {off:#x} in frame {frame:#x}{what}"
 
 
@@ -488,16 +499,18 @@ class HostOom(Fault):
         pool = ctx.vm.pool
         want = spec.get("frames") or pool.free_frames
         taken: list[int] = []
-        while len(taken) < want:
-            try:
-                taken.append(pool.alloc(OWNER_HOST))
-            except HostOutOfMemory:
-                break
         if spec.get("duration"):
             def give_back() -> None:
                 for f in taken:
                     pool.put(f)
             ctx.later(ctx.vm.vcpu.insns + spec.get("duration"), give_back)
+        if ctx.dry:
+            return f"took {want} free frames from the pool"
+        while len(taken) < want:
+            try:
+                taken.append(pool.alloc(OWNER_HOST))
+            except HostOutOfMemory:
+                break
         return f"took {len(taken)} free frames from the pool ({pool.free_frames} left)"
 
 
@@ -543,13 +556,15 @@ class PteCorrupt(Fault):
             raise NotYet()
         lvl, egpa, e = hits[0]
         new = e ^ (1 << spec.get("bit"))
+        detail = f"level-{lvl} entry for va {va:#x} at gpa {egpa:#x}: {e:#x} -> {new:#x} (bit {spec.get('bit')})"
+        if ctx.dry:
+            return detail
         p2m.write_gpa(egpa, new.to_bytes(8, "little"))
         # Like a memory error the table walker meets at once: derived caches of that
         # table (EPT leaf, shadow pages, Unicorn's TLB) are dropped, so the next access
         # walks the damaged entry.
         p2m.changed(egpa >> PAGE_SHIFT)
-        return (f"level-{lvl} entry for va {va:#x} at gpa {egpa:#x}: {e:#x} -> {new:#x} "
-                f"(bit {spec.get('bit')})")
+        return detail
 
 
 def _ept_entry_index(mmu, gfn: int, level: int) -> int:
@@ -604,7 +619,8 @@ class EptCorrupt(Fault):
             raise NotYet()
         old = mmu.q[idx]
         new = 0 if spec.get("kind") == "clear" else (old | EPT_W) & ~EPT_R
-        mmu.q[idx] = new
+        if not ctx.dry:
+            mmu.q[idx] = new
         return f"level-{spec.get('level')} nested entry of guest page {gfn:#x}: {old:#x} -> {new:#x}"
 
 
@@ -634,7 +650,8 @@ class ShadowDrop(Fault):
         sp, i = entries[int(ctx.rng.integers(len(entries)))]
         slot = ((sp.frame << PAGE_SHIFT) | i << 3) >> 3
         old = mmu.q[slot]
-        mmu.q[slot] = 0
+        if not ctx.dry:
+            mmu.q[slot] = 0
         return f"dropped entry {i} ({old:#x}) of the level-{sp.level} shadow page for gfn {sp.gfn:#x}"
 
 
@@ -707,6 +724,8 @@ class BalloonLie(Fault):
             if not len(cand):
                 raise NotYet()
             gfn = int(cand[int(ctx.rng.integers(len(cand)))])
+        if ctx.dry:
+            return f"LOCK of guest page {gfn:#x} it still uses"
         balloon = ctx.vm.balloon
         status = type(balloon).lock(balloon, gfn)   # the host side of a LOCK, not counted as an event
         return f"LOCK of guest page {gfn:#x} it still uses: {status.name}"
@@ -738,7 +757,8 @@ class SpuriousInterrupt(Fault):
         pic = vm.pic
         chip = pic.master if spec.get("irq") == 7 else pic.slave
         vector = chip.vector_base + 7
-        vm._deliver(vector, external=True)   # the VM's one event path (IDT, #DF, triple fault)
+        if not ctx.dry:
+            vm._deliver(vector, external=True)   # the VM's one event path (IDT, #DF, triple fault)
         return f"delivered vector {vector:#x} (spurious IRQ {spec.get('irq')}) at RIP {vm.vcpu.rip:#x}"
 
 
@@ -767,6 +787,7 @@ class InjectException(Fault):
         if vec in VECTORS_WITH_ERROR_CODE and err is None:
             err = 0
         rip = vm.vcpu.rip
-        vm._deliver(vec, err, cr2=spec.get("cr2") if vec == PF else None)  # the VM's one event path
+        if not ctx.dry:
+            vm._deliver(vec, err, cr2=spec.get("cr2") if vec == PF else None)  # the VM's one event path
         return f"delivered {vector_name(vec)}" + (f"(err={err:#x})" if err is not None else "") + \
             f" at RIP {rip:#x}"
