@@ -261,8 +261,12 @@ def _reference_key(target: str, seed: int, fault_text: str) -> tuple:
 
 
 def run_campaign(spec: CampaignSpec, *, workers: int | None = None, cluster: str | None = None,
-                 progress: bool = True) -> CampaignReport:
-    """Run every (target, fault, seed) of ``spec`` and its references; classify each run."""
+                 progress: bool = True, connect_timeout: float = 30) -> CampaignReport:
+    """Run every (target, fault, seed) of ``spec`` and its references; classify each run.
+
+    ``cluster``: a Dask scheduler address (``connect_timeout`` seconds to reach it);
+    otherwise ``workers`` local processes (default: the spec's, else one per CPU).
+    """
     runs = spec.runs()
     refs: dict[tuple, list[str]] = {}
     run_ref: list[tuple] = []
@@ -272,7 +276,7 @@ def run_campaign(spec: CampaignSpec, *, workers: int | None = None, cluster: str
         run_ref.append(key)
     tasks = [{"argv": argv, "dry": True} for argv in refs.values()] + \
             [{"argv": argv, "dry": False} for *_, argv in runs]
-    results = _execute(tasks, workers or spec.workers, cluster, progress)
+    results = _execute(tasks, workers or spec.workers, cluster, progress, connect_timeout)
     ref_digest = dict(zip(refs, (RunDigest.from_dict(d) for d in results[:len(refs)])))
     out = []
     for (name, text, seed, argv), key, d in zip(runs, run_ref, results[len(refs):]):
@@ -281,7 +285,8 @@ def run_campaign(spec: CampaignSpec, *, workers: int | None = None, cluster: str
     return CampaignReport(out, references=len(refs))
 
 
-def _execute(tasks: list[dict], workers: int | None, cluster: str | None, progress: bool) -> list[dict]:
+def _execute(tasks: list[dict], workers: int | None, cluster: str | None, progress: bool,
+             connect_timeout: float) -> list[dict]:
     """Run tasks on the local pool or a Dask cluster; results in task order."""
     results: list[dict | None] = [None] * len(tasks)
     bar = _progress(len(tasks), progress)
@@ -291,7 +296,7 @@ def _execute(tasks: list[dict], workers: int | None, cluster: str | None, progre
         except ImportError:
             raise CampaignError("--cluster needs Dask: pip install 'hvmodel[cluster]'") from None
         try:
-            client = Client(cluster, timeout=30)
+            client = Client(cluster, timeout=connect_timeout)
         except (OSError, TimeoutError) as e:
             raise CampaignError(f"cannot reach the Dask scheduler at {cluster}: {e}") from None
         try:

@@ -69,7 +69,10 @@ def _int(v: object) -> int:
         raise ValueError("a number, not a boolean")
     if isinstance(v, int):
         return v
-    return int(str(v).replace("_", ""), 0)
+    try:
+        return int(str(v).replace("_", ""), 0)
+    except ValueError:
+        raise ValueError("not a whole number") from None
 
 
 def _nonneg(v: object) -> int:
