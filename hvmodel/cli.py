@@ -99,6 +99,9 @@ def _build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="run a recorded run again and check it reaches the same state")
     rp.add_argument("recording", help="a file written by `hvmodel run ... --record FILE`")
 
+    fl = sub.add_parser("faults", help="list the named faults, their parameters and expected outcomes")
+    fl.add_argument("name", nargs="?", help="one fault")
+
     cp = sub.add_parser("campaign", help="run many (guest x scenario x fault x seed) runs and classify "
                                          "their outcomes")
     cp.add_argument("spec", help="campaign file (TOML; see docs/FAULTS.md)")
@@ -689,6 +692,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_replay(args)
         if args.cmd == "campaign":
             return cmd_campaign(args)
+        if args.cmd == "faults":
+            from .inject import InjectError
+            from .inject.faults import describe
+            try:
+                print(describe(args.name))
+            except InjectError as e:
+                raise CliError(str(e), EXIT_USAGE) from None
+            return 0
         if args.cmd == "demo":
             return cmd_demo(args)
         if args.cmd == "check":

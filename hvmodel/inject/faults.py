@@ -794,3 +794,25 @@ class InjectException(Fault):
             vm._deliver(vec, err, cr2=spec.get("cr2") if vec == PF else None)  # the VM's one event path
         return f"delivered {vector_name(vec)}" + (f"(err={err:#x})" if err is not None else "") + \
             f" at RIP {rip:#x}"
+
+
+def describe(name: str | None = None) -> str:
+    """The registry as text: every fault (or one), its site, parameters and expected outcome."""
+    if name is not None and name not in FAULTS:
+        raise InjectError(f"unknown fault {name!r}; named faults: {', '.join(FAULTS)}")
+    out = []
+    for f in FAULTS.values():
+        if name is not None and f.name != name:
+            continue
+        where = "between slices" if f.site == "slice" else f"at each {f.site} event"
+        needs = f", {f.needs} paging only" if f.needs else ""
+        out.append(f"{f.name} — {f.summary} (acts {where}{needs})")
+        out.append(f"  expected: {f.expected_doc}")
+        for p in f.params:
+            d = "required" if p.default is REQUIRED else "optional" if p.default is None else \
+                f"default {_fmt(p.default)}"
+            out.append(f"  {p.name}: {p.doc} ({d})")
+    if name is None:
+        out.append("every fault also takes: " + "; ".join(f"{p.name} ({p.doc})" for p in TRIGGER_PARAMS))
+    return "\n".join(out)
+
