@@ -137,6 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--pressure", type=int, default=0, metavar="PAGES",
                      help="memory management on: share every identical page and swap out PAGES pages "
                           "after every checkpoint (the guest must not notice)")
+    _add_fault_options(chk)
 
     mp = sub.add_parser("map", help="run a guest or scenario, then draw guest virtual → guest physical → "
                                      "machine for some of its pages (SVG)")
@@ -560,14 +561,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.guest:
         raise CliError("check: a guest image (or --matrix) is required", EXIT_USAGE)
     image = _load(Path(args.guest), args)
+    # Faults go into the VMM modes (the reference has no VMM): the lock-step comparison shows
+    # the first instruction at which a fault became visible.
+    from .inject import InjectError, Injector
+    injector = Injector(args.fault or [], args.seed or 0)
     try:
         res = check(image, args.mmu, memsize=args.mem, every=args.every, max_insns=args.max_insns,
-                    pressure=args.pressure)
-    except VMError as e:
+                    pressure=args.pressure, configure=injector.arm_vm if args.fault else None)
+    except (VMError, InjectError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
+    finally:
+        injector.detach()
     if not res.ok:
         print(res.report)
     print(res.summary())
+    for f in injector.log:
+        print(f"  fault {f.fault} fired in {f.vm} at instruction {f.insns:,}: {f.detail}")
     for mode, m in res.memory.items():
         print(f"  {mode}: {m['SWW']} pages swapped out, {m['SWR']} swapped in, {m['SHRD']} shared at the end "
               f"({m['ZERO']} zero), {m['COW_breaks']} copy-on-write breaks")
