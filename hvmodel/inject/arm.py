@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ..machine.pool import HostOutOfMemory
 from ..mmu.p2m import GuestMemoryError
 from .faults import EVENTS, OWNER_HOST, FaultSpec, FireContext, InjectError, NotYet
 
@@ -158,6 +159,7 @@ class Injector:
         self.host = host
         if "alloc" in self._kinds():
             self._wrap(host.pool, "alloc", self._alloc_wrapper(host.pool.alloc))
+            self._wrap(host.pool, "alloc_large", self._alloc_large_wrapper(host.pool.alloc_large))
         for vm in host.vms:
             self.arm_vm(vm)
         if validate:
@@ -327,6 +329,18 @@ class Injector:
                 self._site("alloc", self.current, False, {"owner": owner})
             return alloc(owner)
         return pool_alloc
+
+    def _alloc_large_wrapper(self, alloc_large: Callable[[int], int]) -> Callable[[int], int]:
+        def pool_alloc_large(owner: int) -> int:
+            # A failed 2 MiB allocation is "no aligned run free" (-1): the p2m backs the
+            # page with 4 KiB frames instead.
+            if self.current is not None:
+                try:
+                    self._site("alloc", self.current, False, {"owner": owner, "large": True})
+                except HostOutOfMemory:
+                    return -1
+            return alloc_large(owner)
+        return pool_alloc_large
 
     def _flush_wrapper(self, vm: "VM", flush: Callable[[], None]) -> Callable[[], None]:
         vcpu = vm.vcpu

@@ -38,7 +38,7 @@ from unicorn import x86_const as X
 
 from ..machine.pool import PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory
 from ..machine.swap import SwapError
-from ..mmu.nested import EPT_R, EPT_RWX, EPT_W
+from ..mmu.nested import EPT_PS, EPT_R, EPT_RWX, EPT_W
 from ..mmu.p2m import P2MState
 from ..mmu.walk import ACC_READ, ADDR_MASK, CTL_PG, paging_ctl, walk
 from ..vm.exits import PF, VECTORS_WITH_ERROR_CODE, vector_name
@@ -571,7 +571,8 @@ class PteCorrupt(Fault):
 
 
 def _ept_entry_index(mmu, gfn: int, level: int) -> int:
-    """Index (into the pool's qword view) of the nested entry at ``level`` on gfn's path; -1 if none."""
+    """Index (into the pool's qword view) of the nested entry at ``level`` on gfn's path — the
+    2 MiB leaf when the path ends there (level 1 asked) — or -1 if there is none."""
     q = mmu.q
     table = mmu.root << PAGE_SHIFT
     for lvl, shift in ((4, 27), (3, 18), (2, 9), (1, 0)):
@@ -581,6 +582,8 @@ def _ept_entry_index(mmu, gfn: int, level: int) -> int:
         e = q[idx]
         if not e & EPT_RWX:
             return -1
+        if lvl == 2 and e & EPT_PS:
+            return idx if level == 1 else -1
         table = e & ADDR_MASK
     return -1
 

@@ -230,6 +230,9 @@ class VCpu:
             # guest event is recorded, so the next slice simply runs it again.
             self.pending = VmExit(ExitReason.BLOCKED)
             self._stop(self.uc)
+            # Not begun: the instruction runs whole later and counts then (otherwise every
+            # stall would add one guest instruction — fault injection's reference runs saw it).
+            self._stop_counter -= 1
             return False
         except BaseException as exc:  # never let an exception unwind through C
             if self.hook_error is None:

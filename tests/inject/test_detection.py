@@ -16,7 +16,8 @@ IDLE = build("cli; hlt")
 
 
 def two_vms_sharing_a_page(tmp_path):
-    h = Host(HostConfig(memsize=16 << 20, swap_dir=tmp_path, sharing=SharingConfig(force_salting=1)))
+    h = Host(HostConfig(memsize=16 << 20, swap_dir=tmp_path, sharing=SharingConfig(force_salting=1),
+                        large_pages=False))   # 4 KiB pages: sharing keeps 2 MiB pages whole in high
     a, b = (h.power_on(VMConfig(name=n, memsize=2 << 20, pshare_salt="s"), IDLE) for n in "ab")
     a.p2m.write_gpa(100 << PAGE_SHIFT, bytes([7]) * PAGE_SIZE)
     b.p2m.write_gpa(200 << PAGE_SHIFT, bytes([7]) * PAGE_SIZE)
@@ -60,7 +61,7 @@ def test_the_final_read_back_reports_a_damaged_shared_page(tmp_path):
 
 
 def test_a_failed_swap_write_during_reclaim_stops_the_vm_that_owns_the_page(tmp_path):
-    h = Host(HostConfig(memsize=16 << 20, swap_dir=tmp_path))
+    h = Host(HostConfig(memsize=16 << 20, swap_dir=tmp_path, large_pages=False))
     a, b = (h.power_on(VMConfig(name=n, memsize=2 << 20), IDLE) for n in "ab")
     for g in range(300, 400):
         b.p2m.write_gpa(g << PAGE_SHIFT, bytes([g & 0xFF]) * PAGE_SIZE)   # b holds the most memory
@@ -110,3 +111,30 @@ def test_faults_md_documents_every_fault_and_parameter():
         assert row is not None, f.name
         assert all(f"`{p.name}`" in row for p in f.params), (f.name, row)
     assert all(f"| `{p.name}` |" in doc for p in TRIGGER_PARAMS)
+
+
+@pytest.mark.parametrize("mmu", ["nested", "shadow"])
+def test_a_blocked_allocation_adds_no_guest_instruction(mmu):
+    # Found by the fault checker: reference runs with fewer stalls counted fewer instructions.
+    guest = build("""
+      mov rdi, 0x300000
+      add qword ptr [rdi], 5
+      mov qword ptr [rdi + 0x1000], 7
+      mov al, 0
+      out 0xf4, al
+    """)
+    counts = []
+    for stalls in (0, 3):
+        h = Host(HostConfig(memsize=32 << 20))
+        vm = h.power_on(VMConfig(memsize=8 << 20, mmu=mmu, large_pages=False), guest)
+        left = {"n": stalls}
+
+        def blocked(p2m):
+            left["n"] -= 1
+            return left["n"] >= 0
+        vm.p2m.blocked = blocked
+        r = vm.run()
+        assert r.exit_status == 0 and r.counters["blocked_exits"] == stalls
+        counts.append(r.counters["instructions"])
+        h.close()
+    assert counts[0] == counts[1] == 5

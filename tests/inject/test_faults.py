@@ -15,7 +15,8 @@ from hvmodel.pytest_plugin import assert_counter, assert_fired, assert_outcome
 
 GUESTS = Path(__file__).resolve().parents[2] / "guests"
 HELLO = (GUESTS / "hello.asm", "--mem", "4M", "--host-mem", "16M")
-MEMTEST = (GUESTS / "memtest.asm", "--mem", "4M", "--host-mem", "2M")   # swaps and compresses
+MEMTEST = (GUESTS / "memtest.asm", "--mem", "4M", "--host-mem", "2M")   # compresses
+SWAPPER = (GUESTS / "memtest.asm", "--mem", "8M", "--host-mem", "4M")   # compresses and swaps
 USERMODE = (GUESTS / "usermode.asm", "--mem", "4M", "--host-mem", "16M")  # timer interrupts, IF = 1
 
 
@@ -27,7 +28,7 @@ def named_page(run) -> str:
 
 @pytest.mark.fault("swap-read-error", nth=1)
 def test_swap_read_error_stops_the_vm_naming_the_page(hvrun):
-    run = hvrun(*MEMTEST)
+    run = hvrun(*SWAPPER)
     assert_outcome(run, "detected")
     assert "cannot swap in" in named_page(run) and "injected: swap-read-error" in run.vm().message
     assert run.vm().stop_reason == "host_failure"
@@ -35,14 +36,14 @@ def test_swap_read_error_stops_the_vm_naming_the_page(hvrun):
 
 @pytest.mark.fault("swap-write-error", nth=1)
 def test_swap_write_error_stops_the_vm_naming_the_page(hvrun):
-    run = hvrun(*MEMTEST)
+    run = hvrun(*SWAPPER)
     assert_outcome(run, "detected")
     assert "cannot swap out" in named_page(run)
 
 
 @pytest.mark.fault("swap-bitflip", nth=1)
 def test_swap_bitflip_fails_the_slot_checksum(hvrun):
-    run = hvrun(*MEMTEST)
+    run = hvrun(*SWAPPER)
     assert_outcome(run, "detected")
     assert "fails its checksum" in named_page(run)
 
@@ -56,7 +57,7 @@ def test_frame_bitflip_in_a_private_frame_is_visible_as_on_hardware(hvrun):
 
 @pytest.mark.fault("frame-bitflip", at=100_000, frame=0, offset=0x10, bit=3)
 def test_frame_bitflip_in_the_shared_zero_frame_is_caught_by_its_checksum(hvrun):
-    run = hvrun(GUESTS / "memtest.asm", mem="4M", host_mem="16M")
+    run = hvrun(GUESTS / "memtest.asm", mem="8M", host_mem="32M")   # pages above 4M untouched yet
     assert_outcome(run, "detected")
     assert "shared frame 0x0 fails its content checksum" in named_page(run)
 

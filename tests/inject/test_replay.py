@@ -57,7 +57,7 @@ def test_bad_recordings_are_one_clear_error(tmp_path, capsys):
 
 def test_a_failing_run_prints_the_command_that_reproduces_it(capsys, monkeypatch):
     monkeypatch.chdir(GUESTS.parent)
-    argv = ["run", "guests/memtest.asm", "--mem", "4M", "--host-mem", "2M", "--quiet", "--seed", "2",
+    argv = ["run", "guests/memtest.asm", "--mem", "8M", "--host-mem", "4M", "--quiet", "--seed", "2",
             "--fault", "swap-read-error:at=1000000"]
     assert main(argv) == 4
     err = capsys.readouterr().err.splitlines()
