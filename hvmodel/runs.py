@@ -140,10 +140,6 @@ def memory_digest(vm: "VM") -> tuple[str, list[str]]:
     return h.hexdigest(), bad
 
 
-_KEEP = ("tlb_flushes", "guest_page_faults", "SWW", "SWR", "ZIP", "UNZIP", "COW_breaks",
-         "balloon_violations", "MCTLSZ", "frames_allocated", "ept_violations", "hidden_faults")
-
-
 def digest_vm(vm: "VM", result: "VMResult | None" = None, memory: tuple[str, list[str]] | None = None) -> VMDigest:
     """Reduce a VM (and its result, if the host kept one) to a :class:`VMDigest`."""
     r = result or vm.result()
@@ -156,7 +152,7 @@ def digest_vm(vm: "VM", result: "VMResult | None" = None, memory: tuple[str, lis
         console_hash=xxhash.xxh3_64_hexdigest(console.encode()), console_tail=console[-300:],
         memory_hash=mem_hash, bad_pages=bad, events=dict(c.get("events_delivered", {})),
         swap=vm.swap is not None, balloon=bool(c.get("MCTL?", 0)),
-        counters={k: c[k] for k in _KEEP if k in c})
+        counters={k: v for k, v in c.items() if isinstance(v, (int, float))})
 
 
 # -- a run --------------------------------------------------------------------------------------

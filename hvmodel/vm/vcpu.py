@@ -18,7 +18,7 @@ import ctypes
 from typing import TYPE_CHECKING, Protocol
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
-                     UC_HOOK_TLB_FILL, UC_MODE_64, UC_PROT_ALL, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc,
+                     UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MODE_64, UC_PROT_ALL, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc,
                      UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
@@ -231,8 +231,11 @@ class VCpu:
             self.pending = VmExit(ExitReason.BLOCKED)
             self._stop(self.uc)
             # Not begun: the instruction runs whole later and counts then (otherwise every
-            # stall would add one guest instruction — fault injection's reference runs saw it).
-            self._stop_counter -= 1
+            # stall would add one guest instruction — fault injection's reference runs saw
+            # it). A data access comes from a counted instruction; a fetch fills while its
+            # block is translated, before any of it is counted.
+            if access != UC_MEM_FETCH:
+                self._stop_counter -= 1
             return False
         except BaseException as exc:  # never let an exception unwind through C
             if self.hook_error is None:
@@ -439,7 +442,18 @@ class VCpu:
             if r >= 0:
                 r = self._peek_phys(r)
         else:
-            r = self.mmu.translate(cr3, va, acc, user, ctl)
+            try:
+                r = self.mmu.translate(cr3, va, acc, user, ctl)
+            except AllocationBlocked:
+                # The VMM's own access (an event's stack pushes, a report) cannot stall and
+                # restart like a guest instruction (found by fault injection: a blocked
+                # push escaped event delivery): it allocates past the low-state block.
+                p2m = self.mmu.p2m
+                blocked, p2m.blocked = p2m.blocked, None
+                try:
+                    r = self.mmu.translate(cr3, va, acc, user, ctl)
+                finally:
+                    p2m.blocked = blocked
         if r < 0:
             raise GuestAccessFault(~r, va, acc)
         if not peek and self.mmu.flush_pending:

@@ -113,12 +113,16 @@ def test_faults_md_documents_every_fault_and_parameter():
     assert all(f"| `{p.name}` |" in doc for p in TRIGGER_PARAMS)
 
 
+@pytest.mark.parametrize("fetch", [False, True], ids=["data", "fetch"])
 @pytest.mark.parametrize("mmu", ["nested", "shadow"])
-def test_a_blocked_allocation_adds_no_guest_instruction(mmu):
+def test_a_blocked_allocation_adds_no_guest_instruction(mmu, fetch):
     # Found by the fault checker: reference runs with fewer stalls counted fewer instructions.
     guest = build("""
       mov rdi, 0x300000
       add qword ptr [rdi], 5
+      jmp second_page
+      .balign 4096
+    second_page:
       mov qword ptr [rdi + 0x1000], 7
       mov al, 0
       out 0xf4, al
@@ -127,9 +131,13 @@ def test_a_blocked_allocation_adds_no_guest_instruction(mmu):
     for stalls in (0, 3):
         h = Host(HostConfig(memsize=32 << 20))
         vm = h.power_on(VMConfig(memsize=8 << 20, mmu=mmu, large_pages=False), guest)
+        if fetch:
+            vm.p2m.swap_out(0x101)   # the second code page: fetching it needs a frame (a swap-in)
         left = {"n": stalls}
 
         def blocked(p2m):
+            if fetch and p2m.state[0x300] == P2MState.UNBACKED:
+                return False   # block only the second code page's swap-in, mid-slice
             left["n"] -= 1
             return left["n"] >= 0
         vm.p2m.blocked = blocked
@@ -137,4 +145,4 @@ def test_a_blocked_allocation_adds_no_guest_instruction(mmu):
         assert r.exit_status == 0 and r.counters["blocked_exits"] == stalls
         counts.append(r.counters["instructions"])
         h.close()
-    assert counts[0] == counts[1] == 5
+    assert counts[0] == counts[1] == 6
