@@ -95,6 +95,11 @@ class MachinePool:
         return len(self._free) + len(self._quarantine)
 
     @property
+    def allocatable(self) -> int:
+        """Frames alloc() can hand out while a vCPU runs (quarantined ones wait for a launder)."""
+        return len(self._free)
+
+    @property
     def used_frames(self) -> int:
         """Frames in use, including the zero frame."""
         return self.nframes - self.free_frames

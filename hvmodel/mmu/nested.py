@@ -206,6 +206,7 @@ class NestedMMU:
     def _violation(self, gfn: int, write: bool) -> int:
         """EPT violation exit: ask the p2m, install the leaf, return it."""
         self.ept_violations += 1
+        self.p2m.topup()   # table frames first: nothing may be reclaimed once gfn is resolved
         large_table = gfn in self.large_tables
         if large_table and write:
             # The guest writes a table whose large leaf may be cached in pieces: drop

@@ -242,7 +242,7 @@ class P2M:
         """2 MiB pages currently backing this VM."""
         return int(np.count_nonzero(self.large))
 
-    def _alloc(self, gfn: int, owner: int | None = None, what: str = "") -> int:
+    def _alloc(self, gfn: int, owner: int | None = None, what: str = "", reclaim: bool = True) -> int:
         pool = self.pool
         if owner is None:   # a guest page (the VMM's own tables are never blocked)
             owner = self.owner
@@ -254,7 +254,7 @@ class P2M:
         except HostOutOfMemory as e:
             # Reclaim, then try once more even if nothing was freed: an allocation can
             # fail transiently (a frame still holding translated code, an injected fault).
-            if self.reclaim is not None:
+            if reclaim and self.reclaim is not None:
                 self.reclaim(1, self)
             try:
                 return pool.alloc(owner)
@@ -264,9 +264,22 @@ class P2M:
     def alloc_vmm(self, gfn: int) -> int:
         """A frame for the VMM's own tables (nested, shadow) while serving ``gfn``.
 
-        Reclaims like a guest allocation; raises GuestMemoryError naming ``gfn``.
+        Never reclaims: the MMU is halfway through a fault, holding frames it resolved
+        (fault injection found a reclaim here breaking the large page being mapped, and
+        its 2 MiB leaf then mapping VMM frames to the guest). :meth:`topup` reclaims
+        before the fault instead. Tries twice; raises GuestMemoryError naming ``gfn``.
         """
-        return self._alloc(gfn, OWNER_VMM, " for the VMM's page tables")
+        return self._alloc(gfn, OWNER_VMM, " for the VMM's page tables", reclaim=False)
+
+    def topup(self, n: int = 4) -> None:
+        """An MMU starts serving a fault: make ``n`` frames allocatable first, reclaiming if
+        needed, so its table allocations need not reclaim midway (KVM tops up its MMU
+        memory caches before taking the fault the same way)."""
+        if self.pool.allocatable >= n or self.reclaim is None:
+            return
+        if self.blocked is not None and self.blocked(self):
+            return   # the host state holds this VM back: it stalls at its next allocation instead
+        self.reclaim(n, self)
 
     def _break_cow(self, gfn: int, frame: int) -> int:
         """A write to a shared page: give this gfn a private copy."""

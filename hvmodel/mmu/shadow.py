@@ -250,6 +250,7 @@ class ShadowMMU:
 
     def _hidden_fault(self, root: ShadowPage, cr3: int, va: int, acc: int, user: bool, ctl: int) -> int:
         self.guest_walks += 1
+        self.p2m.topup()   # shadow pages first: nothing may be reclaimed once gfn is resolved
         trace = self._trace
         trace.clear()
         r = walk(self.gmem, cr3, va, acc, user, ctl, trace)
@@ -271,6 +272,7 @@ class ShadowMMU:
     # -- building shadow entries ------------------------------------------------------
 
     def _switch_root(self, cr3: int) -> ShadowPage:
+        self.p2m.topup()
         if self.last_cr3 != -1:
             self.root_switches += 1
             # KVM switches fast to the current root or one of KVM_MMU_NUM_PREV_ROOTS (3)

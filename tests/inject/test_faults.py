@@ -166,3 +166,12 @@ def test_every_named_fault_has_a_test_here():
     text = Path(__file__).read_text()
     missing = [name for name in FAULTS if f'"{name}"' not in text]
     assert not missing, missing
+
+
+@pytest.mark.seed(16)
+@pytest.mark.fault("alloc-fail", p=0.5)
+def test_a_failed_table_allocation_in_an_ept_violation_is_recovered(hvrun):
+    # Found by the campaign: a reclaim in the middle of an EPT violation broke the 2 MiB page
+    # being mapped, and its leaf then mapped VMM frames to the guest (a triple fault here).
+    run = hvrun(*HELLO)
+    assert_outcome(run, "recovered")
