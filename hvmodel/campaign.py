@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -106,12 +105,7 @@ def load_spec(path: str | Path) -> CampaignSpec:
     """Read and check a campaign file (CampaignError says what is wrong)."""
     from . import cli, scenario
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise CampaignError(f"campaign {p}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise CampaignError(f"campaign {p}: not valid TOML: {e}") from None
+    data = scenario.read_toml(p, "campaign", CampaignError)
     bad = set(data) - {"seeds", "max_insns", "workers", "target", "fault"}
     if bad:
         raise CampaignError(f"campaign {p}: unknown key(s) {', '.join(sorted(bad))}")

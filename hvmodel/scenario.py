@@ -83,15 +83,20 @@ def parse_size(value: object, where: str) -> int:
         raise ScenarioError(f"{where}: {e}") from None
 
 
+def read_toml(p: Path, what: str, error: type[Exception]) -> dict:
+    """A TOML file's table, or ``error`` saying "<what> <path>: why" (unreadable, not TOML)."""
+    try:
+        return tomllib.loads(p.read_text())
+    except OSError as e:
+        raise error(f"{what} {p}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{what} {p}: not valid TOML: {e}") from None
+
+
 def load(path: str | Path) -> tuple[HostConfig, list[VMSpec]]:
     """Read a scenario file."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ScenarioError(f"scenario {p}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ScenarioError(f"scenario {p}: not valid TOML: {e}") from None
+    data = read_toml(p, "scenario", ScenarioError)
     unknown = set(data) - {"host", "vm"}
     if unknown:
         raise ScenarioError(f"scenario {p}: unknown section(s) {', '.join(sorted(unknown))}")

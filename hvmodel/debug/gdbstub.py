@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import sys
 from typing import TYPE_CHECKING
 
