@@ -260,7 +260,7 @@ class NestedMMU:
         i = self._l2_slot(gfn)
         e = self.q[i]
         if e & EPT_RWX and not e & EPT_PS:
-            self._drop_table(i)  # 4 KiB leaves from before (sampling, a zero-page read)
+            self._drop_table(i, gfn >> 9)  # 4 KiB leaves from before (sampling, a zero-page read)
         first = int(self.p2m.value[gfn & ~(LARGE_FRAMES - 1)])
         leaf = (first << PAGE_SHIFT) | EPT_PS | EPT_RWX | EPT_MT_WB | EPT_A | (EPT_D if write else 0)
         if e & EPT_RWX and (e & ADDR_MASK) >> PAGE_SHIFT != first:
@@ -306,13 +306,13 @@ class NestedMMU:
         self.table_frames.add(frame)
         return frame
 
-    def _drop_table(self, i: int) -> None:
-        """Free the 4 KiB leaf table the level-2 slot ``i`` points to."""
+    def _drop_table(self, i: int, region: int) -> None:
+        """Free the 4 KiB leaf table the level-2 slot ``i`` (2 MiB ``region``) points to."""
         frame = (self.q[i] & ADDR_MASK) >> PAGE_SHIFT
         self.q[i] = 0
         self.table_frames.discard(frame)
         self.pool.put(frame)
-        self._ntlb_drop_region(None)
+        self._ntlb_drop_region(region)
         self.flush_pending = True
 
     def _drop_large(self, i: int, region: int) -> None:
@@ -320,12 +320,12 @@ class NestedMMU:
         self._ntlb_drop_region(region)
         self.flush_pending = True
 
-    def _ntlb_drop_region(self, region: int | None) -> None:
+    def _ntlb_drop_region(self, region: int) -> None:
         # Nested-TLB slots hold entry indices: those inside a 2 MiB leaf or a dropped
-        # table would now point at something else (INVEPT for the range; all if None).
+        # table would now point at something else (INVEPT for the range).
         tag = self.ntlb_tag
         for s, g in enumerate(tag):
-            if g >= 0 and (region is None or g >> 9 == region):
+            if g >= 0 and g >> 9 == region:
                 tag[s] = -1
 
     def collapse(self, region: int) -> None:
@@ -343,7 +343,7 @@ class NestedMMU:
             table = e & ADDR_MASK
         i = (table | ((gfn >> 9) & 0x1FF) << 3) >> 3
         if q[i] & EPT_RWX and not q[i] & EPT_PS:
-            self._drop_table(i)
+            self._drop_table(i, region)
 
     # -- coherence with the p2m -------------------------------------------------------
 
