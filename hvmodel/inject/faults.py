@@ -565,6 +565,10 @@ class PteCorrupt(Fault):
         detail = f"level-{lvl} entry for va {va:#x} at gpa {egpa:#x}: {e:#x} -> {new:#x} (bit {spec.get('bit')})"
         if ctx.dry:
             return detail
+        # Damage the guest sees is written as the VMM writes for the guest: a shared table
+        # page is un-shared first, so no other VM mapping the same frame is touched.
+        with p2m.unblocked():
+            frame = p2m.frame_for_write(egpa >> PAGE_SHIFT)
         ctx.vm.pool.q[((frame << PAGE_SHIFT) | (egpa & 0xFFF)) >> 3] = new
         # Like a memory error the table walker meets at once: derived caches of that
         # table (EPT leaf, shadow pages, Unicorn's TLB) are dropped, so the next access

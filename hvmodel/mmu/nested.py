@@ -145,11 +145,13 @@ class NestedMMU:
     def write_pte(self, gpa: int, value: int) -> None:
         gfn = gpa >> PAGE_SHIFT
         if gfn in self.large_tables:
-            # An A/D update changes no translation: the page stays protected (the
-            # EPT D bit records the write, as EPT A/D hardware would).
+            # An A/D update changes no translation, so the page stays write-protected
+            # in the EPT tables; it is still a write to guest memory, so the p2m gets it
+            # as one first: a shared table page is un-shared (copy-on-write) like a
+            # guest store would un-share it, and only then is its own frame written.
+            self.p2m.frame_for_write(gfn)
             leaf = self._leaf(gfn, False)
-            idx = self._leaf_index(gfn)
-            self.q[idx] |= EPT_D
+            self.q[self._leaf_index(gfn)] |= EPT_D   # the EPT D bit records the write
         else:
             # The A/D update is a write to the guest table page: it needs EPT write
             # permission and dirties that page, exactly like a guest store.

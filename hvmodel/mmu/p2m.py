@@ -35,8 +35,9 @@ the MMUs drop their 2 MiB mappings.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import IntEnum
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -485,12 +486,34 @@ class P2M:
             size -= n
         return bytes(out)
 
+    def frame_for_write(self, gfn: int) -> int:
+        """The frame to write when the VMM writes ``gfn`` on the guest's behalf.
+
+        The one door for such writes (A/D updates, loading images, a debugger's stores,
+        fault injection's guest-visible damage): the page is backed or swapped in, and a
+        shared page gets its own copy first (copy-on-write), exactly as for a guest store.
+        Writing a frame found any other way could change a page another VM maps.
+        """
+        return self.resolve(gfn, True)[0]
+
+    @contextmanager
+    def unblocked(self) -> Iterator[None]:
+        """The VMM's own accesses (event delivery, a debugger, fault injection) cannot
+        stall and restart like a guest instruction: inside this block they allocate past
+        the ``low`` state's block (fault injection found a blocked push escaping delivery)."""
+        blocked, self.blocked = self.blocked, None
+        try:
+            yield
+        finally:
+            self.blocked = blocked
+
     def write_gpa(self, gpa: int, data: bytes) -> None:
-        """Write guest-physical memory as the VMM (backs pages as needed)."""
+        """Write guest-physical memory as the VMM (backs pages as needed, breaks sharing)."""
         pos = 0
         while pos < len(data):
             n = min(len(data) - pos, (1 << PAGE_SHIFT) - (gpa & 0xFFF))
-            frame, _ = self.resolve(gpa >> PAGE_SHIFT, True)
+            with self.unblocked():
+                frame = self.frame_for_write(gpa >> PAGE_SHIFT)
             off = (frame << PAGE_SHIFT) | (gpa & 0xFFF)
             self.pool.mv[off:off + n] = data[pos:pos + n]
             gpa += n

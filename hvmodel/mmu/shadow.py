@@ -144,7 +144,7 @@ class _GuestTableMemory:
 
     def write_pte(self, gpa: int, value: int) -> None:
         gfn = gpa >> PAGE_SHIFT
-        frame, _ = self.p2m.map_for(gfn, True)
+        frame = self.p2m.frame_for_write(gfn)   # un-shares a shared table page first
         self.q[((frame << PAGE_SHIFT) | (gpa & 0xFFF)) >> 3] = value
         snap = self.mmu.snapshots.get(gfn)
         if snap is not None:  # our own A/D update is not a guest change

@@ -448,12 +448,8 @@ class VCpu:
                 # The VMM's own access (an event's stack pushes, a report) cannot stall and
                 # restart like a guest instruction (found by fault injection: a blocked
                 # push escaped event delivery): it allocates past the low-state block.
-                p2m = self.mmu.p2m
-                blocked, p2m.blocked = p2m.blocked, None
-                try:
+                with self.mmu.p2m.unblocked():
                     r = self.mmu.translate(cr3, va, acc, user, ctl)
-                finally:
-                    p2m.blocked = blocked
         if r < 0:
             raise GuestAccessFault(~r, va, acc)
         if not peek and self.mmu.flush_pending:
