@@ -170,7 +170,9 @@ class GdbStub:
                 self._send(reply)
         finally:
             self.close()
-        # A detached debugger leaves the guest running to its end.
+        # A detached debugger leaves the guest running to its end (from a breakpoint stop
+        # too: with bp_hit still set no quantum would run, and the run never ended).
+        self.bp_hit = None
         while self.vm.running:
             self._run_quantum()
 

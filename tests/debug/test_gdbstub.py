@@ -136,6 +136,21 @@ def test_breakpoints_do_not_change_guest_time(kernels):
     plain_host.close()
 
 
+def test_detaching_at_a_breakpoint_lets_the_guest_run_to_its_end(kernels):
+    # gdb -batch detaches when its commands end; the run used to spin forever there.
+    mb, _ = kernels
+    image = load_kernel(mb)
+    host = Host(HostConfig(memsize=64 << 20))
+    vm = host.power_on(VMConfig(memsize=32 << 20), image)
+    stub, t, c = serve(vm, host)
+    assert c.cmd(f"Z0,{image.symbols['kmain']:x},1") == "OK"
+    assert c.cmd("c") == "S05"
+    assert c.cmd("D") == "OK"
+    t.join(timeout=60)
+    assert not t.is_alive() and vm.stopped and vm.exit_status == 0
+    host.close()
+
+
 def test_registers_memory_writes_and_ctrl_c(run_guest_asm):
     src = "mov rax, 0x1234; mov rbx, 0x100800; mov qword ptr [rbx], rax; spin: jmp spin"
     image = build(src, source_name="spin")
