@@ -9,7 +9,7 @@ Public API::
 """
 
 from .guest.image import GuestBuildError, GuestImage, load_guest
-from .host import AdmissionError, Host, HostConfig
+from .host.host import AdmissionError, Host, HostConfig
 from .vm.vm import VM, VMConfig, VMError, VMResult
 
 __all__ = ["Host", "HostConfig", "VM", "VMConfig", "VMResult", "VMError", "AdmissionError",

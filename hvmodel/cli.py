@@ -22,12 +22,13 @@ import sys
 from pathlib import Path
 
 from .check.lockstep import DEFAULT_EVERY, check
-from .cost import explain, modeled_cycles
+from .report.cost import explain, modeled_cycles
 from .guest.image import GuestBuildError, load_guest
-from .milestones import format_milestones, milestones
-from . import scenario, stats
-from .host import DEFAULT_HOST_MEM, Host, HostConfig
-from .scenario import size_bytes
+from .report.milestones import format_milestones, milestones
+from .host import scenario
+from .report import stats
+from .host.host import DEFAULT_HOST_MEM, Host, HostConfig
+from .host.scenario import size_bytes
 from .vm.vm import DEFAULT_MAX_INSNS, DEFAULT_MEM, MIB, MMU_MODES, VMConfig, VMError, VMResult
 
 EXIT_USAGE = 2
@@ -381,7 +382,7 @@ def _print_stats(result: VMResult, mode: str, file=sys.stdout) -> None:
             v = f"{v:,}"
         print(f"  {k:<22} {v}", file=file)
     cost = modeled_cycles(mode, result.counters)
-    print(f"--- modeled cycles ({mode}; costs in hvmodel/cost.py): {cost.total:,}", file=file)
+    print(f"--- modeled cycles ({mode}; costs in hvmodel/report/cost.py): {cost.total:,}", file=file)
     for k, v in cost.items.items():
         if v:
             print(f"  {k:<22} {v:>16,}  {100 * v / max(1, cost.total):5.1f} %", file=file)
@@ -455,13 +456,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 r.message = vm.triple_fault_report
         digest = session.finish(results) if session is not None else None
         if args.record:
-            from . import replay
+            from .run import replay
             try:
                 replay.write(args.record, digest, images)
             except OSError as e:
                 raise CliError(f"--record: cannot write {args.record}: {e.strerror}", EXIT_USAGE) from None
         if args.plot:
-            from . import plot
+            from .report import plot
             try:
                 plot.write(host.timeline, args.plot, title=f"hvmodel: {Path(args.guest).name}")
             except (ValueError, OSError) as e:
@@ -513,7 +514,7 @@ def _session(host: Host, args: argparse.Namespace):
     if not (args.fault or args.record):
         return None
     from .inject import InjectError
-    from .runs import Session
+    from .run.session import Session
     try:
         return Session(host, args.fault or [], run_seed(args, host), getattr(args, "argv", []))
     except InjectError as e:
@@ -522,7 +523,7 @@ def _session(host: Host, args: argparse.Namespace):
 
 def _reproduce(args: argparse.Namespace) -> str:
     """The one command that runs this run again."""
-    from .runs import command
+    from .run.session import command
     return command(getattr(args, "argv", []))
 
 
@@ -610,7 +611,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from . import mapfig
+    from .report import mapfig
     host = _build_host(args, echo=False)
     try:
         results = host.run(args.max_insns)
@@ -661,7 +662,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import ReplayError, replay
+    from .run.replay import ReplayError, replay
     try:
         res = replay(args.recording)
     except ReplayError as e:
@@ -671,7 +672,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
-    from .campaign import CampaignError, load_spec, run_campaign
+    from .run.campaign import CampaignError, load_spec, run_campaign
     try:
         spec = load_spec(args.spec)
         if args.seeds:

@@ -40,9 +40,10 @@ import pytest
 
 if TYPE_CHECKING:
     from .guest.asm import GuestImage
-    from .host import Host
-    from .inject import Injector, Outcome
-    from .runs import RunDigest, VMDigest
+    from .host.host import Host
+    from .inject import Injector
+    from .run.outcome import Outcome
+    from .run.session import RunDigest, VMDigest
     from .vm.vm import VM
 
 
@@ -116,8 +117,8 @@ def _argv(target: str | Path, args: tuple, options: dict) -> list[str]:
 def hvrun(request: pytest.FixtureRequest) -> Callable[..., FaultRun]:
     """``hvrun(target, *args, **options)``: the run with the test's faults, and its outcome."""
     def run(target: str | Path, *args: object, **options: object) -> FaultRun:
-        from .inject.outcome import classify
-        from .runs import execute
+        from .run.outcome import classify
+        from .run.session import execute
         argv = _argv(target, args, options)
         if "--seed" not in argv:
             argv += ["--seed", str(marked_seed(request.node))]
@@ -145,7 +146,7 @@ def guest() -> Callable[..., "GuestImage"]:
 
 
 def _size(v: object) -> int:
-    from .scenario import size_bytes
+    from .host.scenario import size_bytes
     return v if isinstance(v, int) else size_bytes(str(v))
 
 
@@ -159,7 +160,7 @@ def faults(request: pytest.FixtureRequest) -> "Injector":
 @pytest.fixture
 def host(request: pytest.FixtureRequest, tmp_path: Path, faults: "Injector"):
     """A Host from ``@pytest.mark.host(...)`` (swap files in tmp_path), closed after the test."""
-    from .host import Host, HostConfig
+    from .host.host import Host, HostConfig
     m = request.node.get_closest_marker("host")
     kw = dict(m.kwargs) if m is not None else {}
     if "memsize" in kw:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..guest.asm import GuestImage
-from ..host import Host, HostConfig
+from ..host.host import Host, HostConfig
 from ..vm.vm import VM, VMConfig
 from .workloads import Workload
 

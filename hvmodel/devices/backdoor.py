@@ -62,10 +62,10 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from ..memory.balloon import BalloonStatus, HOST_CAPABILITIES
+from ..vm.balloon import BalloonStatus, HOST_CAPABILITIES
 
 if TYPE_CHECKING:
-    from ..memory.balloon import Balloon
+    from ..vm.balloon import Balloon
 
 PORT = 0x5670
 MAGIC = 0x456C6D6F

@@ -4,9 +4,8 @@
   acts and its documented expected outcome (docs/FAULTS.md lists them);
 * :mod:`hvmodel.inject.arm` — when and where a fault fires (guest instruction N, the Kth
   event of a kind, probability p under a seed) and the :class:`Injector` that arms a host;
-* :mod:`hvmodel.inject.outcome` — a run's outcome against the fault-free reference run:
-  recovered, detected, visible — or a bug (a traceback, an unnamed stop, a divergence the
-  fault does not allow, nondeterminism).
+* the outcome of a faulty run (recovered, detected, visible — or a bug) is judged by
+  :mod:`hvmodel.run.outcome`, against the run's dry reference.
 
 Typical use::
 
@@ -19,6 +18,5 @@ Typical use::
 
 from .arm import Firing, Injector
 from .faults import FAULTS, FaultSpec, InjectError, parse_fault
-from .outcome import Outcome, classify
 
-__all__ = ["FAULTS", "FaultSpec", "Firing", "InjectError", "Injector", "Outcome", "classify", "parse_fault"]
+__all__ = ["FAULTS", "FaultSpec", "Firing", "InjectError", "Injector", "parse_fault"]

@@ -41,7 +41,7 @@ from ..mmu.p2m import GuestMemoryError
 from .faults import EVENTS, OWNER_HOST, FaultSpec, FireContext, InjectError, NotYet
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..host.host import Host
     from ..vm.vm import VM
 
 # Event kinds that are counted once the operation happened (a slot was written, a page

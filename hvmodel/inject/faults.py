@@ -24,7 +24,7 @@ must look like afterwards. Expected outcomes, per fault (docs/FAULTS.md has the 
 
 Anything else — a Python traceback, a stop that names no page, a divergence where the
 fault allows none, a difference without the fault firing — is a bug the outcome checker
-reports (hvmodel/inject/outcome.py).
+reports (hvmodel/run/outcome.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ..mmu.walk import ACC_READ, ADDR_MASK, CTL_PG, paging_ctl, walk
 from ..vm.exits import PF, VECTORS_WITH_ERROR_CODE, vector_name
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..host.host import Host
     from ..vm.vm import VM
 
 OUTCOMES = ("recovered", "detected", "visible")

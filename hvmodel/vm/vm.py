@@ -39,7 +39,7 @@ from ..mmu.nested import NestedMMU
 from ..mmu.shadow import ShadowMMU
 from ..mmu.p2m import P2M, GuestMemoryError, P2MState
 from ..machine.swap import SwapDevice
-from ..memory.balloon import Balloon
+from .balloon import Balloon
 from .events import EventInjector, TripleFault
 from .exits import PF, ExitReason, VmExit, vector_name
 from .vcpu import UnsupportedPagingMode, VCpu
@@ -161,7 +161,7 @@ class VM:
         self.vcpu = VCpu(*phys, self.mmu, self.io, native=self.native)
         self.vcpu.kick_ports = frozenset(self.pit.ports) | frozenset(self.pic.ports)
         self.apic = self._map_apic(pool) if config.memsize <= APIC_BASE else None
-        # Ballooning (memory/balloon.py) through the back-door port 0x5670; native: target 0.
+        # Ballooning (vm/balloon.py) through the back-door port 0x5670; native: target 0.
         self.balloon = Balloon(self.p2m, maxmemctl=config.maxmemctl) if self.p2m is not None else None
         self.backdoor = BackdoorBalloon(self.balloon, self.vcpu.reg, self.vcpu.set_reg,
                                         on_change=lambda: self.mmu.flush_pending and self.vcpu.flush_tlb())
@@ -404,7 +404,7 @@ class VM:
     # -- reports -----------------------------------------------------------------------
 
     def _crash_report(self, tf: TripleFault) -> str:
-        from ..report import disassemble_at
+        from .disasm import disassemble_at
         v = self.vcpu
         lines = [f"triple fault in {self.config.name} at RIP {v.rip:#x} (CPL {v.cpl()})",
                  "  events: " + " -> ".join(tf.chain),

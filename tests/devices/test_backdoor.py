@@ -10,7 +10,7 @@ from hvmodel.devices.backdoor import (CMD_BATCHED_2M_LOCK, CMD_BATCHED_LOCK, CMD
                                       CMD_VMCI_DOORBELL_SET, MAGIC, PORT, BackdoorBalloon, Status)
 from hvmodel.devices.bus import IOBus
 from hvmodel.machine.pool import MachinePool
-from hvmodel.memory.balloon import CAP_BASIC_CMDS, CAP_BATCHED_CMDS, Balloon
+from hvmodel.vm.balloon import CAP_BASIC_CMDS, CAP_BATCHED_CMDS, Balloon
 from hvmodel.mmu.p2m import P2M, P2MState
 
 NPAGES = 1000

@@ -10,7 +10,7 @@ from hvmodel.machine.pool import PAGE_SHIFT, PAGE_SIZE
 from hvmodel.machine.swap import SwapError
 from hvmodel.memory.sharing import SharingConfig
 from hvmodel.mmu.p2m import GuestMemoryError, P2MState
-from hvmodel.runs import memory_digest
+from hvmodel.run.session import memory_digest
 
 IDLE = build("cli; hlt")
 

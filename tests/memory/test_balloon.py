@@ -1,5 +1,5 @@
 """Ballooning end to end: the guest driver (guests/runtime/balloon.inc, guests/balloon.asm),
-the back-door device and the host's Balloon (hvmodel/memory/balloon.py) on real guests."""
+the back-door device and the host's Balloon (hvmodel/vm/balloon.py) on real guests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hvmodel import Host, HostConfig, VMConfig, load_guest
 from hvmodel.check.lockstep import check
 from hvmodel.guest.asm import build
 from hvmodel.machine.pool import MachinePool
-from hvmodel.memory.balloon import Balloon, BalloonStatus
+from hvmodel.vm.balloon import Balloon, BalloonStatus
 from hvmodel.mmu.p2m import P2M, P2MState
 
 GUEST = Path(__file__).resolve().parents[2] / "guests" / "balloon.asm"

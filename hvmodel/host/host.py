@@ -28,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .guest.image import GuestImage
-from .machine.pool import PAGE_SIZE, ZERO_FRAME, MachinePool
-from .machine.swap import SwapDevice, SwapError
-from .memory.alloc import ActivitySampler, Claim, shares_of, targets
-from .memory.compress import CompressionCache
-from .memory.sharing import PageSharing, SharingConfig
-from .memory.states import MemoryStates, min_free
-from .memory.swap import HypervisorSwap
-from .mmu.p2m import P2M, GuestMemoryError, P2MState
-from .vm.exits import ExitReason, VmExit
-from .vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
+from ..guest.image import GuestImage
+from ..machine.pool import PAGE_SIZE, ZERO_FRAME, MachinePool
+from ..machine.swap import SwapDevice, SwapError
+from ..memory.alloc import ActivitySampler, Claim, shares_of, targets
+from ..memory.compress import CompressionCache
+from ..memory.sharing import PageSharing, SharingConfig
+from ..memory.states import MemoryStates, min_free
+from ..memory.swap import HypervisorSwap
+from ..mmu.p2m import P2M, GuestMemoryError, P2MState
+from ..vm.exits import ExitReason, VmExit
+from ..vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
 
 DEFAULT_HOST_MEM = 256 * MIB
 DEFAULT_QUANTUM = 200_000          # instructions per VM per round-robin turn

@@ -1,7 +1,7 @@
 """Record a run and replay it to the same instruction count and state.
 
 A run is a function of (image, scenario, seed, armed faults), all named by its
-``hvmodel run`` arguments (hvmodel/runs.py). ``hvmodel run ... --record FILE`` writes:
+``hvmodel run`` arguments (hvmodel/run/spec.py). ``hvmodel run ... --record FILE`` writes:
 
 * the arguments and the folder they were given in;
 * the guest images the run used (the assembled bytes, so an edited source does not
@@ -26,8 +26,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .guest.asm import GuestImage
-from .runs import RunDigest, execute
+from ..guest.asm import GuestImage
+from .session import RunDigest, execute
 
 FORMAT = "hvmodel-recording/1"
 
@@ -51,7 +51,7 @@ def _sha256(path: Path) -> str:
 
 def write(path: str | Path, digest: RunDigest, images: dict) -> None:
     """Write a recording of the run ``digest`` describes, with the ``images`` it used."""
-    from . import cli
+    from .. import cli
     args = cli.parse_run_args(digest.argv)
     scenario = None
     target = Path(args.guest)
@@ -104,7 +104,7 @@ def replay(path: str | Path) -> ReplayResult:
             raise
         raise ReplayError(f"recording {path}: malformed: {e}") from None
     # The arguments were given relative to the recording's folder: make the target absolute.
-    from . import cli
+    from .. import cli
     args = cli.parse_run_args(argv)
     target = _abs(cwd, args.guest)
     argv = [str(target) if a == args.guest else a for a in argv]

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import xxhash
 
-from .inject import Injector
-from .inject.faults import ExpectContext
-from .machine.pool import PAGE_SHIFT, PAGE_SIZE
-from .machine.swap import SwapError
-from .memory.compress import CompressionError
-from .mmu.p2m import P2MState
+from ..inject import Injector
+from ..inject.faults import ExpectContext
+from ..machine.pool import PAGE_SHIFT, PAGE_SIZE
+from ..machine.swap import SwapError
+from ..memory.compress import CompressionError
+from ..mmu.p2m import P2MState
 
 if TYPE_CHECKING:
-    from .host import Host
-    from .vm.vm import VM, VMResult
+    from ..host.host import Host
+    from ..vm.vm import VM, VMResult
 
 _CHUNK = 256   # pages hashed per numpy gather
 
@@ -207,7 +207,7 @@ def execute(argv: list[str], *, dry: bool = False, images: dict | None = None,
     argument raises :class:`hvmodel.cli.CliError`; an exception escaping the VMM is
     caught and kept, with its traceback, in ``RunDigest.error`` (a crash is an outcome).
     """
-    from . import cli
+    from .. import cli
     args = cli.parse_run_args(argv)
     host = cli._build_host(args, echo=False, images=images)
     try:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .host import NS_PER_INSN
-from .machine.pool import PAGE_SIZE
+from ..host.host import NS_PER_INSN
+from ..machine.pool import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from .host import Host
+    from ..host.host import Host
 
 MB = 1 << 20
 COLUMNS = ("NAME", "MEMSZ", "GRANT", "CNSM", "SHRD", "ZERO", "SHRDSVD", "COWH", "SWCUR", "SWTGT",
