@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .check.lockstep import DEFAULT_EVERY, check
 from .report.cost import explain, modeled_cycles
-from .guest.image import GuestBuildError, load_guest
+from .guest.image import GuestBuildError
+from .guest.load import load_guest
 from .report.milestones import format_milestones, milestones
 from .host import scenario
 from .report import stats

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 
 if TYPE_CHECKING:
-    from .guest.asm import GuestImage
+    from .guest.image import GuestImage
     from .host.host import Host
     from .inject import Injector
     from .run.outcome import Outcome
@@ -137,7 +137,7 @@ def guest() -> Callable[..., "GuestImage"]:
     """``guest(source)``: a guest image from a file path or from assembly text."""
     def build(source: str | Path, **kw: Any) -> "GuestImage":
         from .guest.asm import build as assemble
-        from .guest.image import load_guest
+        from .guest.load import load_guest
         if isinstance(source, Path) or ("\n" not in source and Path(source).suffix
                                         and Path(source).exists()):
             return load_guest(source, **kw)
@@ -178,10 +178,10 @@ def host(request: pytest.FixtureRequest, tmp_path: Path, faults: "Injector"):
 def vm(host: "Host", faults: "Injector") -> Callable[..., "VM"]:
     """``vm(image_or_source, mem="16M", **VMConfig fields)``: a VM on ``host``, with the faults armed."""
     def power_on(image: Any, mem: str | int = "16M", **cfg: Any) -> "VM":
-        from .guest.asm import GuestImage
+        from .guest.image import GuestImage
         from .vm.vm import VMConfig
         if not isinstance(image, GuestImage):
-            from .guest.image import load_guest
+            from .guest.load import load_guest
             image = load_guest(image)
         v = host.power_on(VMConfig(memsize=_size(mem), **cfg), image)
         faults.arm_vm(v)

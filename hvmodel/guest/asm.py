@@ -53,9 +53,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .image import DEFAULT_LOAD_ADDR, GuestBuildError, GuestImage
+
 __all__ = ["GuestBuildError", "GuestImage", "build", "build_file", "DEFAULT_LOAD_ADDR"]
 
-DEFAULT_LOAD_ADDR = 0x100000
 
 # Words that may stand in an operand without being symbols.
 _ASM_WORDS = {"byte", "word", "dword", "qword", "tbyte", "xword", "xmmword", "ymmword", "zmmword", "oword",
@@ -93,25 +94,6 @@ def _hex_literals(text: str) -> str:
         parts[i] = _DECIMAL.sub(lambda m: hex(int(m.group(1))), parts[i])
     return "".join(parts)
 _MASK64 = (1 << 64) - 1
-
-
-class GuestBuildError(ValueError):
-    """A guest source could not be built, or the assembled code is not what it says."""
-
-
-@dataclass(frozen=True)
-class GuestImage:
-    code: bytes
-    load_addr: int
-    entry: int
-    symbols: dict[str, int] = field(default_factory=dict)
-    source_name: str = "<guest>"
-    # A booted kernel (hvmodel.boot.loader.KernelBoot): installs itself instead of `code`.
-    boot: object | None = None
-
-    @property
-    def end(self) -> int:
-        return self.load_addr + len(self.code)
 
 
 # --------------------------------------------------------------------------------------

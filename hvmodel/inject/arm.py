@@ -184,7 +184,7 @@ class Injector:
         if "balloon-lock" in kinds and vm.balloon is not None:
             lock = vm.balloon.lock
             self._wrap(vm.balloon, "lock",
-                       lambda pfn: (self._site("balloon-lock", vm, False, {"pfn": pfn}), lock(pfn))[1])
+                       lambda gfn: (self._site("balloon-lock", vm, False, {"gfn": gfn}), lock(gfn))[1])
 
     def validate(self) -> None:
         """Resolve each fault's VM and check it can act there; InjectError if not."""

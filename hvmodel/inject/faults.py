@@ -38,7 +38,7 @@ from unicorn import x86_const as X
 
 from ..machine.pool import PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory
 from ..machine.swap import SwapError
-from ..mmu.nested import EPT_PS, EPT_R, EPT_RWX, EPT_W
+from ..mmu.nested import EPT_R, EPT_RWX, EPT_W
 from ..mmu.p2m import P2MState
 from ..mmu.walk import ACC_READ, ADDR_MASK, CTL_PG, paging_ctl, walk
 from ..vm.exits import PF, VECTORS_WITH_ERROR_CODE, vector_name
@@ -577,22 +577,21 @@ class PteCorrupt(Fault):
         return detail
 
 
-def _ept_entry_index(mmu, gfn: int, level: int) -> int:
-    """Index (into the pool's qword view) of the nested entry at ``level`` on gfn's path — the
-    2 MiB leaf when the path ends there (level 1 asked) — or -1 if there is none."""
-    q = mmu.q
-    table = mmu.root << PAGE_SHIFT
-    for lvl, shift in ((4, 27), (3, 18), (2, 9), (1, 0)):
-        idx = (table | ((gfn >> shift) & 0x1FF) << 3) >> 3
-        if lvl == level:
-            return idx
-        e = q[idx]
-        if not e & EPT_RWX:
-            return -1
-        if lvl == 2 and e & EPT_PS:
-            return idx if level == 1 else -1
-        table = e & ADDR_MASK
-    return -1
+def _leaf_readable(mmu, gfn: int) -> bool:
+    path = mmu.entries(gfn)
+    return bool(path and path[-1].leaf and path[-1].value & EPT_R)
+
+
+def _ept_entry(mmu, gfn: int, level: int):
+    """The nested entry at ``level`` on gfn's path (``MMU.entries``) — the 2 MiB leaf when the
+    path ends there and level 1 is asked — or None if the path does not reach it."""
+    path = mmu.entries(gfn)
+    for t in path:
+        if t.level == level:
+            return t
+    if level == 1 and path and path[-1].leaf:
+        return path[-1]
+    return None
 
 
 @register
@@ -627,17 +626,18 @@ class EptCorrupt(Fault):
         gfn = spec.get("gfn")
         if gfn is None:
             backed = np.flatnonzero((p2m.state == P2MState.PRIVATE) | (p2m.state == P2MState.SHARED))
-            mapped = [int(g) for g in backed if mmu.lookup(int(g)) & EPT_R]
+            mapped = [int(g) for g in backed if _leaf_readable(mmu, int(g))]
             if not mapped:
                 raise NotYet()
             gfn = int(ctx.rng.choice(mapped))
-        idx = _ept_entry_index(mmu, gfn, spec.get("level"))
-        if idx < 0 or not mmu.q[idx] & EPT_RWX:
+        entry = _ept_entry(mmu, gfn, spec.get("level"))
+        q = ctx.vm.pool.q
+        if entry is None or not q[entry.index] & EPT_RWX:
             raise NotYet()
-        old = mmu.q[idx]
+        old = q[entry.index]
         new = 0 if spec.get("kind") == "clear" else (old | EPT_W) & ~EPT_R
         if not ctx.dry:
-            mmu.q[idx] = new
+            q[entry.index] = new
         return f"level-{spec.get('level')} nested entry of guest page {gfn:#x}: {old:#x} -> {new:#x}"
 
 
@@ -654,21 +654,20 @@ class ShadowDrop(Fault):
         return frozenset({"recovered"})
 
     def act(self, spec, ctx):
-        mmu = ctx.vm.mmu
+        pool = ctx.vm.pool
         level = spec.get("level")
-        pages = sorted((sp for sp in mmu.pages.values() if not level or sp.level == level),
-                       key=lambda sp: (sp.gfn, sp.role))
+        pages = [t for t in ctx.vm.mmu.tables() if not level or t.level == level]
         entries = []
         for sp in pages:
-            q = np.frombuffer(mmu.pool.buf, dtype="<u8", count=512, offset=sp.frame << PAGE_SHIFT)
+            q = np.frombuffer(pool.buf, dtype="<u8", count=512, offset=sp.frame << PAGE_SHIFT)
             entries.extend((sp, int(i)) for i in np.flatnonzero(q))
         if not entries:
             raise NotYet()
         sp, i = entries[int(ctx.rng.integers(len(entries)))]
         slot = ((sp.frame << PAGE_SHIFT) | i << 3) >> 3
-        old = mmu.q[slot]
+        old = pool.q[slot]
         if not ctx.dry:
-            mmu.q[slot] = 0
+            pool.q[slot] = 0
         return f"dropped entry {i} ({old:#x}) of the level-{sp.level} shadow page for gfn {sp.gfn:#x}"
 
 

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..guest.asm import GuestImage
+from ..guest.image import GuestImage
 from .session import RunDigest, execute
 
 FORMAT = "hvmodel-recording/1"
