@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .host.host import Host
     from .inject import Injector
     from .run.outcome import Outcome
-    from .run.session import RunDigest, VMDigest
+    from .run.digest import RunDigest, VMDigest
     from .vm.vm import VM
 
 
@@ -57,7 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def marked_faults(node: pytest.Item) -> list:
     """The FaultSpecs of a test's ``fault`` markers, in decorator order (top first)."""
-    from .inject.faults import make_spec
+    from .inject.registry import make_spec
     marks = list(node.iter_markers("fault"))
     marks.reverse()   # iter_markers yields the closest (lowest) decorator first
     specs = []

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..machine.pool import HostOutOfMemory
 from ..mmu.p2m import GuestMemoryError
-from .faults import EVENTS, OWNER_HOST, FaultSpec, FireContext, InjectError, NotYet
+from .registry import EVENTS, OWNER_HOST, FaultSpec, FireContext, InjectError, NotYet
 
 if TYPE_CHECKING:
     from ..host.host import Host

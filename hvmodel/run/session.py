@@ -1,166 +1,28 @@
-"""A run as a value: the ``hvmodel run`` arguments that define it, executing it, its digest.
-
-With time counted in guest instructions, a run is a function of (image, scenario, seed,
-armed faults) — all of which are in its ``hvmodel run`` arguments. So the arguments
-*are* the run: the campaign executes exactly the argument list it prints as the
-command that reproduces a run, the recording stores it, and replay runs it again.
-
-A :class:`RunDigest` is what comparisons need from a finished run: per VM the exit,
-the instruction count, hashes of the console and of every byte of guest-physical memory
-(swapped and compressed pages read back through their checksums), the events the
-guest received; the faults that fired and where; a checkpoint per host round.
+"""Executing a run: :class:`Session` (armed faults, checkpoints, digests), :func:`execute`
+(a run in this process, digested: what campaigns, replays and the pytest plugin use) and
+:class:`Run` (one ``hvmodel run`` from its spec to its results: what the command drives).
 """
 
 from __future__ import annotations
 
-import shlex
 import traceback
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-import xxhash
-
-from ..inject import Injector
-from ..inject.faults import ExpectContext
-from ..machine.pool import PAGE_SHIFT, PAGE_SIZE
-from ..machine.swap import SwapError
-from ..memory.compress import CompressionError
-from ..mmu.p2m import P2MState
+from ..inject import InjectError, Injector
+from .build import build_host
+from .digest import RunDigest, digest_vm, memory_digest
+from .errors import EXIT_USAGE, RunError
+from .spec import RunSpec, command
 
 if TYPE_CHECKING:
     from ..host.host import Host
-    from ..vm.vm import VM, VMResult
+    from ..vm.vm import VMResult
 
-_CHUNK = 256   # pages hashed per numpy gather
-
-
-@dataclass
-class VMDigest:
-    """One VM at the end of a run, reduced to what outcomes and replays compare."""
-
-    name: str
-    mmu: str
-    exit_status: int | None
-    stop_reason: str
-    message: str
-    instructions: int
-    console_hash: str
-    console_tail: str
-    memory_hash: str
-    bad_pages: list[str] = field(default_factory=list)   # pages the final read-back found damaged
-    events: dict = field(default_factory=dict)            # events delivered to the guest, by vector
-    swap: bool = False
-    balloon: bool = False                                  # its balloon driver was active
-    counters: dict = field(default_factory=dict)
-
-    def same_as(self, other: "VMDigest") -> list[str]:
-        """What differs from ``other`` (empty if nothing)."""
-        out = []
-        for k in ("exit_status", "stop_reason", "instructions", "console_hash", "memory_hash", "events"):
-            a, b = getattr(self, k), getattr(other, k)
-            if a != b:
-                out.append(f"{k} {a} vs {b}" if k not in ("console_hash", "memory_hash") else f"{k.split('_')[0]}")
-        return out
-
-
-@dataclass
-class RunDigest:
-    """A finished run: its arguments, its VMs, what fired, its checkpoints, or its crash."""
-
-    argv: list[str]
-    vms: list[VMDigest] = field(default_factory=list)
-    fired: list[dict] = field(default_factory=list)
-    checkpoints: list = field(default_factory=list)
-    error: str | None = None   # the traceback of an exception that escaped the VMM
-    dry: bool = False
-
-    @property
-    def command(self) -> str:
-        return command(self.argv)
-
-    def expect_context(self) -> ExpectContext:
-        return ExpectContext(swap=all(v.swap for v in self.vms) if self.vms else True,
-                             balloon=any(v.balloon for v in self.vms))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunDigest":
-        d = dict(d)
-        d["vms"] = [VMDigest(**v) for v in d.get("vms", [])]
-        return cls(**d)
-
-
-def command(argv: list[str]) -> str:
-    """The shell command that runs ``argv`` (arguments of ``hvmodel run``)."""
-    return "hvmodel run " + shlex.join(argv)
-
-
-# -- digests ----------------------------------------------------------------------------------
-
-def memory_digest(vm: "VM") -> tuple[str, list[str]]:
-    """xxh3 of every byte of ``vm``'s guest-physical memory, and the pages that could not be
-    read back intact (a swap slot, compressed page or shared frame failing its checksum)."""
-    h = xxhash.xxh3_64()
-    bad: list[str] = []
-    if vm.p2m is None:
-        ram = vm.ram
-        for gpa in range(0, ram.size, _CHUNK * PAGE_SIZE):
-            h.update(ram.read_gpa(gpa, min(_CHUNK * PAGE_SIZE, ram.size - gpa)))
-        return h.hexdigest(), bad
-    p2m, pool = vm.p2m, vm.pool
-    sharing = vm.host.sharing if vm.host is not None else None
-    frames = np.frombuffer(pool.buf, dtype=np.uint8).reshape(-1, PAGE_SIZE)  # the mmap, not a view that close() releases
-    st, val = p2m.state, p2m.value
-    for lo in range(0, p2m.npages, _CHUNK):
-        hi = min(lo + _CHUNK, p2m.npages)
-        chunk = np.zeros((hi - lo, PAGE_SIZE), dtype=np.uint8)
-        s = st[lo:hi]
-        inram = np.flatnonzero((s == P2MState.PRIVATE) | (s == P2MState.SHARED))
-        chunk[inram] = frames[val[lo:hi][inram]]
-        if sharing is not None:
-            for i in np.flatnonzero(s == P2MState.SHARED):   # shared frames: their content checksum
-                why = sharing.verify(int(val[lo + i]))
-                if why is not None:
-                    bad.append(f"guest page {lo + int(i):#x} (GPA {(lo + int(i)) << PAGE_SHIFT:#x}): {why}")
-        for i in np.flatnonzero((s == P2MState.SWAPPED) | (s == P2MState.COMPRESSED)):
-            gfn = lo + int(i)
-            try:
-                if st[gfn] == P2MState.SWAPPED:
-                    page = p2m.swap.read(int(val[gfn]))
-                else:
-                    page = p2m.zip.peek(gfn)
-            except (SwapError, CompressionError) as e:
-                bad.append(f"guest page {gfn:#x} (GPA {gfn << PAGE_SHIFT:#x}): {e}")
-                continue
-            chunk[i] = np.frombuffer(page, dtype=np.uint8)
-        h.update(chunk.tobytes())
-    return h.hexdigest(), bad
-
-
-def digest_vm(vm: "VM", result: "VMResult | None" = None, memory: tuple[str, list[str]] | None = None) -> VMDigest:
-    """Reduce a VM (and its result, if the host kept one) to a :class:`VMDigest`."""
-    r = result or vm.result()
-    mem_hash, bad = memory if memory is not None else memory_digest(vm)
-    console = r.console
-    c = r.counters
-    return VMDigest(
-        name=r.name, mmu=vm.config.mmu, exit_status=r.exit_status, stop_reason=r.stop_reason,
-        message=r.message, instructions=int(c.get("instructions", 0)),
-        console_hash=xxhash.xxh3_64_hexdigest(console.encode()), console_tail=console[-300:],
-        memory_hash=mem_hash, bad_pages=bad, events=dict(c.get("events_delivered", {})),
-        swap=vm.swap is not None, balloon=bool(c.get("MCTL?", 0)),
-        counters={k: v for k, v in c.items() if isinstance(v, (int, float))})
-
-
-# -- a run --------------------------------------------------------------------------------------
 
 class Session:
     """A built host, armed with the run's faults, recording checkpoints and early digests.
 
-    ``hvmodel run`` and :func:`execute` both use it::
+    :class:`Run` and :func:`execute` both use it::
 
         s = Session(host, faults, seed, argv)
         results = host.run(max_insns, on_round=s.on_round)
@@ -204,17 +66,16 @@ def execute(argv: list[str], *, dry: bool = False, images: dict | None = None,
     """Run ``hvmodel run ARGV`` in this process (no console output) and digest it.
 
     ``dry`` arms the faults' triggers without injecting (the reference run). A bad
-    argument raises :class:`hvmodel.cli.CliError`; an exception escaping the VMM is
-    caught and kept, with its traceback, in ``RunDigest.error`` (a crash is an outcome).
+    argument raises :class:`~hvmodel.run.errors.RunError`; an exception escaping the VMM
+    is caught and kept, with its traceback, in ``RunDigest.error`` (a crash is an outcome).
     """
-    from .. import cli
-    args = cli.parse_run_args(argv)
-    host = cli._build_host(args, echo=False, images=images)
+    spec = RunSpec.from_argv(argv)
+    host = build_host(spec, images=images)
     try:
         try:
-            session = Session(host, args.fault or [], cli.run_seed(args, host), argv, dry=dry)
+            session = Session(host, spec.faults, spec.seed_for(host.config.seed), argv, dry=dry)
         except Exception as e:
-            raise cli.CliError(str(e), cli.EXIT_USAGE) from None
+            raise RunError(str(e), EXIT_USAGE) from None
 
         def rounds(h: "Host") -> None:
             session.on_round(h)
@@ -222,7 +83,7 @@ def execute(argv: list[str], *, dry: bool = False, images: dict | None = None,
                 on_round(h)
         results, error = None, None
         try:
-            results = host.run(args.max_insns, on_round=rounds)
+            results = host.run(spec.max_insns, on_round=rounds)
         except Exception:
             error = traceback.format_exc()
         try:
@@ -233,4 +94,98 @@ def execute(argv: list[str], *, dry: bool = False, images: dict | None = None,
         host.close()
 
 
-__all__ = ["RunDigest", "Session", "VMDigest", "command", "digest_vm", "execute", "memory_digest"]
+class Run:
+    """One ``hvmodel run``: its spec, its host (built), its session (when faults are armed or
+    the run is recorded); :meth:`execute` runs it to its results. Close it (or use ``with``)
+    once the results are reported: the host keeps the VMs' state until then.
+
+    ``echo`` receives a single VM's console output as it is written.
+    """
+
+    def __init__(self, spec: RunSpec, *, echo: Callable[[bytes], None] | None = None) -> None:
+        self.spec = spec
+        self.port = spec.gdb_port()       # a bad --gdb is a usage error before anything starts
+        self.images: dict | None = {} if spec.record else None
+        self.host = build_host(spec, echo=echo, images=self.images)
+        try:
+            self.session = self._session()
+        except BaseException:
+            self.host.close()
+            raise
+        self.results: list["VMResult"] | None = None
+        self.digest: RunDigest | None = None
+        self.crash: str | None = None     # the traceback of a VMM crash under fault injection
+
+    def _session(self) -> "Session | None":
+        spec = self.spec
+        if not (spec.faults or spec.record):
+            return None
+        try:
+            return Session(self.host, spec.faults, spec.seed_for(self.host.config.seed), spec.argv or [])
+        except InjectError as e:
+            raise RunError(str(e), EXIT_USAGE) from None
+
+    @property
+    def command(self) -> str:
+        """The one command that runs this run again."""
+        return command(self.spec.argv or [])
+
+    def execute(self, on_round: Callable[["Host"], None] | None = None) -> list["VMResult"] | None:
+        """Run every VM to its end; None if the VMM crashed under fault injection (``crash``).
+
+        ``on_round(host)`` is called after every host round (after the session's checkpoint).
+        """
+        spec, host, session = self.spec, self.host, self.session
+        rounds = session.on_round if session is not None else None
+        if on_round is not None:
+            checkpoint = rounds
+
+            def rounds(h: "Host") -> None:
+                if checkpoint is not None:
+                    checkpoint(h)
+                on_round(h)
+        try:
+            results = self._gdb() if spec.gdb else host.run(spec.max_insns, on_round=rounds)
+        except Exception:
+            if session is None or not spec.faults:
+                raise
+            self.crash = traceback.format_exc()
+            return None
+        for vm, r in zip(host.vms, results):
+            if vm.triple_fault_report:
+                r.message = vm.triple_fault_report
+        self.digest = session.finish(results) if session is not None else None
+        if spec.record:
+            from . import recording
+            try:
+                recording.write(spec.record, self.digest, self.images)
+            except OSError as e:
+                raise RunError(f"--record: cannot write {spec.record}: {e.strerror}", EXIT_USAGE) from None
+        self.results = results
+        return results
+
+    def _gdb(self) -> list["VMResult"]:
+        from ..debug.gdbstub import GdbStub, GdbStubError
+        host = self.host
+        if len(host.vms) != 1:
+            raise RunError("--gdb debugs one VM: not with --vms or a scenario of several VMs", EXIT_USAGE)
+        try:
+            stub = GdbStub(host.vms[0], host, port=self.port, wait=self.spec.gdb_wait,
+                           max_insns=self.spec.max_insns)
+        except GdbStubError as e:
+            raise RunError(str(e), EXIT_USAGE) from None
+        stub.serve()
+        return [host.vms[0].result()]
+
+    def close(self) -> None:
+        """Power the host off (frames back, swap files deleted)."""
+        self.host.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Run", "RunDigest", "Session", "command", "digest_vm", "execute", "memory_digest"]

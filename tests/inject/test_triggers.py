@@ -10,7 +10,7 @@ from hvmodel import Host, HostConfig, VMConfig, load_guest
 from hvmodel.cli import main
 from hvmodel.inject import InjectError, Injector, parse_fault
 from hvmodel.inject.arm import Trigger
-from hvmodel.inject.faults import make_spec
+from hvmodel.inject.registry import make_spec
 from hvmodel.machine.swap import SwapDevice
 from hvmodel.run.session import execute
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from hvmodel.run.outcome import classify
-from hvmodel.run.session import RunDigest, VMDigest
+from hvmodel.run.digest import RunDigest, VMDigest
 
 FIRED = [{"fault": "swap-read-error", "index": 0, "vm": "g", "insns": 10, "detail": "raised", "dry": False}]
 
