@@ -1,6 +1,6 @@
 """Build step for guests: preprocess, assemble with keystone, verify with capstone.
 
-keystone-engine 0.9.2 silently miscompiles several x86-64 forms (ENGINE-NOTES 8):
+keystone-engine 0.9.2 silently miscompiles several x86-64 forms (docs/ENGINE.md K1-K4):
 absolute memory operands turned RIP-relative, ``push 0x80000000`` turned into
 ``push word 0``, over-wide immediates truncated, ``.word 0x12345`` emitting nothing...
 So every build is round-tripped through capstone, statement by statement, and any
@@ -283,7 +283,7 @@ class Assembler:
                 if not mem.disp.names and mem.seg not in ("fs", "gs"):
                     raise GuestBuildError(
                         f"{s.where()}: absolute memory operand {o.text!r}: keystone "
-                        "0.9.2 encodes it RIP-relative or miscompiles it (ENGINE-NOTES 8); "
+                        "0.9.2 encodes it RIP-relative or miscompiles it (docs/ENGINE.md K1); "
                         f"load the address into a register and use [reg]\n    {t}")
 
     @staticmethod

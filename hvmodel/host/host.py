@@ -1,7 +1,7 @@
 """The host: owns the machine pool and the VMs, admits them, schedules them, manages memory.
 
-This is the top of the dependency chain below the CLI (cli → host → vm → mmu →
-p2m → machine). The host runs its VMs' vCPUs round-robin in instruction slices
+It sits below the run layer and above the memory policies and the VMs
+(docs/ARCHITECTURE.md, "Layers"). The host runs its VMs' vCPUs round-robin in instruction slices
 (``quantum``) and between slices runs the memory policy:
 
 * **page sharing** at the configured rate (``Mem.ShareScanTime``,

@@ -34,7 +34,7 @@ def _gfn_of_slot(p2m, slot: int) -> int:
 
 
 def _drop_translated_code(pool, frame: int) -> None:
-    # Unicorn does not notice a frame rewritten from outside (ENGINE-NOTES 3.3): code
+    # Unicorn does not notice a frame rewritten from outside (docs/ENGINE.md U9): code
     # already translated from it would not see the change, as no CPU would fail to.
     # Slice faults run between slices, where dropping translated code is safe.
     if pool.fetched[frame]:

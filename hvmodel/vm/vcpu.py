@@ -1,6 +1,6 @@
 """One virtual CPU: a Unicorn instance, its hooks, and a run loop that returns exits as values.
 
-The TLB-fill hook is where the VMM lives (ENGINE-NOTES 1): with
+The TLB-fill hook is where the VMM lives (docs/ENGINE.md U1-U4): with
 ``UC_TLB_VIRTUAL`` every Unicorn TLB miss asks :meth:`VCpu._fill` for the
 machine address and rights of a guest-virtual page, and the VM's MMU decides.
 The hook is registered through a raw ctypes callback (no binding wrapper), reads
@@ -52,10 +52,10 @@ static_assert_layout(engine_layout_problems(globals()), __name__)
 CPU_MODEL = X.UC_CPU_X86_DENVERTON  # NX, SMEP, SMAP, 1 GiB pages, MAXPHYADDR 40, no PKU
 
 MSR_EFER = 0xC0000080
-# uc_ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE): the binding has no wrapper (ENGINE-NOTES 2.3).
+# uc_ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE): the binding has no wrapper (docs/ENGINE.md U5).
 _CTL_TLB_FLUSH = (1 << 30) | 11
 # Unicorn's TLB starts at 256 entries per privilege and doubles (up to 2^20) only at a
-# flush that finds it more than 70 % used (ENGINE-NOTES 2.5, re-checked on 2.1.4: 4,096
+# flush that finds it more than 70 % used (docs/ENGINE.md U7, re-checked on 2.1.4: 4,096
 # pages written in a loop cost 4,096 fills per pass until 4 flushes later, then 0). A
 # workload that never flushes would thrash 256 entries forever, so the fill hook flushes
 # once fills since the last flush reach twice the size it believes the TLB has.
