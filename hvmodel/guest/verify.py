@@ -70,7 +70,7 @@ class Verifier:
             addr = self.load_addr + off
             for lab in s.labels:
                 self.labels[lab] = addr
-            kind = getattr(s, "kind", "none")
+            kind = s.kind
             if kind == "insn":
                 insn = next(md.disasm(code[off: off + 15], addr, 1), None)
                 if insn is None:

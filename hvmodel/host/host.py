@@ -301,7 +301,7 @@ class Host:
         """Balloon targets: inflate in ``soft`` toward each VM's target, stop in ``hard``/``low``
         (hold), deflate when memory is plentiful (``high``)."""
         for v in self.vms:
-            b = getattr(v, "balloon", None)
+            b = v.balloon
             if b is None or v.stopped:
                 continue
             if state == "soft":
@@ -400,7 +400,7 @@ class Host:
             if v.p2m is None:
                 continue
             p = v.p2m
-            b = getattr(v, "balloon", None)
+            b = v.balloon
             point["vms"][v.config.name] = {
                 "consumed": int(np.count_nonzero(p.state == P2MState.PRIVATE)),
                 "shared": p.count(P2MState.SHARED),
