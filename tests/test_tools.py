@@ -35,12 +35,14 @@ def test_profile_fill_profiles_a_guest_and_refuses_a_bad_one(tmp_path):
     tool = ROOT / "tools" / "profile-fill"
     src = tmp_path / "t.asm"
     src.write_text("mov ecx, 64\nmov rbx, 0x200000\nl: mov [rbx], rcx\nadd rbx, 0x1000\ndec ecx\njnz l\nhlt\n")
-    proc = subprocess.run([sys.executable, str(tool), str(src), "--mem", "4M", "--top", "5"],
+    proc = subprocess.run([sys.executable, str(tool), str(src), "--mem", "4M", "--top", "100"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
     assert "fills" in out[0] and out[1].startswith("fill path: ") and "us a fill" in out[1]
-    assert any("walk.py" in ln and "(walk)" in ln for ln in out[3:])
+    listed = out[3:]
+    assert any("vcpu.py" in ln and "(_fill)" in ln for ln in listed)        # the hook itself ...
+    assert any("walk.py" in ln and "(walk)" in ln for ln in listed)         # ... and what it called
     bad = subprocess.run([sys.executable, str(tool), str(tmp_path / "missing.asm")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr

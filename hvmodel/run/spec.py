@@ -220,10 +220,12 @@ class RunSpec:
                 out += [flag, _size_text(value)]
             elif name == "modules":
                 for m in value:
-                    out += [flag, m]
+                    out += [f"{flag}={m}"] if m.startswith("-") else [flag, m]
             elif name == "faults":
                 for fs in value:
                     out += [flag, fs.text()]
+            elif isinstance(value, str) and value.startswith("-"):
+                out.append(f"{flag}={value}")     # a value that looks like an option
             else:
                 out += [flag, str(value)]
         return out
