@@ -8,8 +8,9 @@ Public API::
     result = vm.run()
 """
 
-from .guest.image import GuestBuildError, GuestImage, load_guest
-from .host import AdmissionError, Host, HostConfig
+from .guest.image import GuestBuildError, GuestImage
+from .guest.load import load_guest
+from .host.host import AdmissionError, Host, HostConfig
 from .vm.vm import VM, VMConfig, VMError, VMResult
 
 __all__ = ["Host", "HostConfig", "VM", "VMConfig", "VMResult", "VMError", "AdmissionError",

@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 
 if TYPE_CHECKING:
-    from .guest.asm import GuestImage
-    from .host import Host
-    from .inject import Injector, Outcome
-    from .runs import RunDigest, VMDigest
+    from .guest.image import GuestImage
+    from .host.host import Host
+    from .inject import Injector
+    from .run.outcome import Outcome
+    from .run.digest import RunDigest, VMDigest
     from .vm.vm import VM
 
 
@@ -56,7 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def marked_faults(node: pytest.Item) -> list:
     """The FaultSpecs of a test's ``fault`` markers, in decorator order (top first)."""
-    from .inject.faults import make_spec
+    from .inject.registry import make_spec
     marks = list(node.iter_markers("fault"))
     marks.reverse()   # iter_markers yields the closest (lowest) decorator first
     specs = []
@@ -116,8 +117,8 @@ def _argv(target: str | Path, args: tuple, options: dict) -> list[str]:
 def hvrun(request: pytest.FixtureRequest) -> Callable[..., FaultRun]:
     """``hvrun(target, *args, **options)``: the run with the test's faults, and its outcome."""
     def run(target: str | Path, *args: object, **options: object) -> FaultRun:
-        from .inject.outcome import classify
-        from .runs import execute
+        from .run.outcome import classify
+        from .run.session import execute
         argv = _argv(target, args, options)
         if "--seed" not in argv:
             argv += ["--seed", str(marked_seed(request.node))]
@@ -136,7 +137,7 @@ def guest() -> Callable[..., "GuestImage"]:
     """``guest(source)``: a guest image from a file path or from assembly text."""
     def build(source: str | Path, **kw: Any) -> "GuestImage":
         from .guest.asm import build as assemble
-        from .guest.image import load_guest
+        from .guest.load import load_guest
         if isinstance(source, Path) or ("\n" not in source and Path(source).suffix
                                         and Path(source).exists()):
             return load_guest(source, **kw)
@@ -145,7 +146,7 @@ def guest() -> Callable[..., "GuestImage"]:
 
 
 def _size(v: object) -> int:
-    from .scenario import size_bytes
+    from .host.scenario import size_bytes
     return v if isinstance(v, int) else size_bytes(str(v))
 
 
@@ -159,7 +160,7 @@ def faults(request: pytest.FixtureRequest) -> "Injector":
 @pytest.fixture
 def host(request: pytest.FixtureRequest, tmp_path: Path, faults: "Injector"):
     """A Host from ``@pytest.mark.host(...)`` (swap files in tmp_path), closed after the test."""
-    from .host import Host, HostConfig
+    from .host.host import Host, HostConfig
     m = request.node.get_closest_marker("host")
     kw = dict(m.kwargs) if m is not None else {}
     if "memsize" in kw:
@@ -177,10 +178,10 @@ def host(request: pytest.FixtureRequest, tmp_path: Path, faults: "Injector"):
 def vm(host: "Host", faults: "Injector") -> Callable[..., "VM"]:
     """``vm(image_or_source, mem="16M", **VMConfig fields)``: a VM on ``host``, with the faults armed."""
     def power_on(image: Any, mem: str | int = "16M", **cfg: Any) -> "VM":
-        from .guest.asm import GuestImage
+        from .guest.image import GuestImage
         from .vm.vm import VMConfig
         if not isinstance(image, GuestImage):
-            from .guest.image import load_guest
+            from .guest.load import load_guest
             image = load_guest(image)
         v = host.power_on(VMConfig(memsize=_size(mem), **cfg), image)
         faults.arm_vm(v)

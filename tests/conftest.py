@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hvmodel.guest.asm import build
-from hvmodel.host import Host, HostConfig
+from hvmodel.host.host import Host, HostConfig
 from hvmodel.vm.vm import VMConfig
 
 # The hvmodel pytest plugin (fixtures hvrun, host, vm, guest; marker fault) comes through the

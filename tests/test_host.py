@@ -14,7 +14,7 @@ from hvmodel.check.lockstep import check
 from hvmodel.machine.pool import PAGE_SIZE, ZERO_FRAME
 from hvmodel.memory.sharing import SharingConfig
 from hvmodel.mmu.p2m import P2MState
-from hvmodel import scenario
+from hvmodel.host import scenario
 
 GUESTS = Path(__file__).resolve().parents[1] / "guests"
 FAST_SCAN = SharingConfig(force_salting=1, scan_time_min=0.002, rate_max=10**7)
@@ -92,7 +92,7 @@ def test_a_corrupted_swap_slot_stops_the_vm_naming_the_page(tmp_path):
 
 
 def test_admission_fails_without_room_for_the_swap_file(tmp_path):
-    from hvmodel.host import AdmissionError
+    from hvmodel.host.host import AdmissionError
     h = Host(HostConfig(memsize=8 << 20, swap_dir=tmp_path))
     with pytest.raises(AdmissionError, match="swap file"):
         h.power_on(VMConfig(name="big", memsize=1 << 50), load_guest(GUESTS / "hello.asm"))

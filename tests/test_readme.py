@@ -1,6 +1,6 @@
 """Every command README.md shows runs as written.
 
-Each `hvmodel ...` and `make ...` line of the README's shell blocks runs in a fresh working
+Each `hvmodel ...`, `make ...` and `tools/...` line of the README's shell blocks runs in a fresh working
 directory that links the repository's guests/, scenarios/ and campaigns/ (so outputs such as
 out.png or r.json land there, never in the checkout), with `/tmp/k` (the example kernel's
 directory) moved into it. A line ends with status 0 unless its comment says
@@ -76,7 +76,7 @@ def readme_lines() -> list[Line]:
 
 
 LINES = readme_lines()
-COMMANDS = [ln for ln in LINES if ln.text.split()[0] in ("hvmodel", "make")]
+COMMANDS = [ln for ln in LINES if ln.text.split()[0] in ("hvmodel", "make") or ln.text.startswith("tools/")]
 
 
 def test_every_readme_line_is_placed():
@@ -99,6 +99,8 @@ def argv(text: str, workdir: Path) -> list[str]:
     args = shlex.split(text.replace("/tmp/k", str(workdir / "k")))
     if args[0] == "hvmodel":   # the installed command, run by this interpreter
         args = [sys.executable, "-m", "hvmodel", *args[1:]]
+    elif args[0].startswith("tools/"):   # a script of the checkout's tools/, by this interpreter
+        args = [sys.executable, str(ROOT / args[0]), *args[1:]]
     return args
 
 

@@ -1,4 +1,4 @@
-"""``hvmodel bench``: the VMM's cost measured against native Unicorn (issue 9).
+"""``hvmodel bench``: the VMM's cost measured against native Unicorn.
 
 ``workloads`` defines W1-W4 (guests), ``runner`` runs them under every mode,
 alternating, and times their measured regions; ``scans`` runs W5 (page sharing)

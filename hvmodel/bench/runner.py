@@ -19,8 +19,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from ..guest.asm import GuestImage
-from ..host import Host, HostConfig
+from ..guest.image import GuestImage
+from ..host.host import Host, HostConfig
 from ..vm.vm import VM, VMConfig
 from .workloads import Workload
 

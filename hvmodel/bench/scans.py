@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from ..guest.asm import DEFAULT_LOAD_ADDR, GuestImage
-from ..host import Host, HostConfig
+from ..guest.image import DEFAULT_LOAD_ADDR, GuestImage
+from ..host.host import Host, HostConfig
 from ..machine.pool import PAGE_SHIFT, PAGE_SIZE
 from ..memory.sharing import SharingConfig
 from ..mmu.p2m import P2MState

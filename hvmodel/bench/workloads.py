@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..guest.asm import GuestBuildError, GuestImage, build
+from ..guest.asm import build
+from ..guest.image import GuestBuildError, GuestImage
 
 GUESTS = Path(__file__).resolve().parents[2] / "guests"
 MIB = 1 << 20

@@ -112,7 +112,7 @@ def enter_protected32(vm: "VM", entry: int, info_addr: int) -> None:
     PE|ET, CR4 = 0, EFER = 0.
     """
     uc = vm.vcpu.uc
-    # Leave long mode (ENGINE-NOTES 5.2): EFER.LME off, then PG 1 -> 0 clears LMA.
+    # Leave long mode (docs/ENGINE.md U22): EFER.LME off, then PG 1 -> 0 clears LMA.
     uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0))
     uc.reg_write(X.UC_X86_REG_CR0, CR0_PE_ET | CR0_PG)
     uc.reg_write(X.UC_X86_REG_CR0, CR0_PE_ET)

@@ -21,21 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..guest.asm import GuestBuildError, GuestImage
+from ..guest.image import BootError, BootTarget, GuestImage
 from . import entry as entry_mod
 from .elf import ElfError, ElfImage, is_elf, read_elf
 from .multiboot import (INFO_ADDR, INFO_SIZE, MMAP_ADDR, MultibootError, Module, build_info, find_header,
                         load_by_header)
-
-if TYPE_CHECKING:
-    from ..vm.vm import VM
-
-
-class BootError(GuestBuildError):
-    """A kernel image that cannot be booted (exit status 2 in the CLI)."""
-
 
 KERNEL_SUFFIXES = {".elf", ".kernel", ".mb"}
 
@@ -66,21 +57,22 @@ class KernelBoot:
             out.append(("the loader", gpa, data, len(data)))
         return out
 
-    def install(self, vm: "VM") -> None:
-        """Write the kernel, modules, info and loader into ``vm``'s memory; set the entry state."""
-        from ..vm.vm import VMError
+    def install(self, vm: BootTarget) -> None:
+        """Write the kernel, modules, info and loader into ``vm``'s memory; set the entry state.
+
+        A piece outside guest memory or over the loader's areas is a :class:`BootError`."""
         memsize = vm.config.memsize
         pieces = self.layout(memsize)
         reserved = [("the loader's area", entry_mod.LOADER_BASE, entry_mod.LOADER_END),
                     ("the Multiboot info area", MMAP_ADDR, INFO_ADDR + INFO_SIZE)]
         for what, gpa, _data, size in pieces:
             if gpa + size > memsize:
-                raise VMError(f"{self.name}: {what} ({gpa:#x}-{gpa + size:#x}) lies outside guest memory "
+                raise BootError(f"{self.name}: {what} ({gpa:#x}-{gpa + size:#x}) lies outside guest memory "
                               f"({memsize >> 20} MiB); give the VM more memory (--mem)")
             if what.startswith("segment"):
                 for rname, lo, hi in reserved:
                     if gpa < hi and lo < gpa + size:
-                        raise VMError(f"{self.name}: {what} ({gpa:#x}-{gpa + size:#x}) overlaps {rname} "
+                        raise BootError(f"{self.name}: {what} ({gpa:#x}-{gpa + size:#x}) overlaps {rname} "
                                       f"({lo:#x}-{hi:#x})")
         for _what, gpa, data, size in pieces:
             vm.ram.write_gpa(gpa, data + bytes(size - len(data)))

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from unicorn import x86_const as X
 
 from ..guest.image import GuestImage
-from ..host import Host, HostConfig
+from ..host.host import Host, HostConfig
 from ..memory.sharing import SharingConfig
 from ..mmu.walk import ADDR_MASK, PTE_PS, paging_ctl, walk
-from ..report import disassemble_at
+from ..vm.disasm import disassemble_at
 from ..vm.vcpu import PeekMemory
 from ..vm.vm import DEFAULT_MAX_INSNS, VM, VMConfig
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 from ..guest.asm import build
 from ..guest.prologue import SETGATE, descriptor_data, descriptor_tables
-from ..host import Host, HostConfig
+from ..host.host import Host, HostConfig
 from ..vm.vm import VM, VMConfig
 from . import oracle as o
 

@@ -39,7 +39,7 @@ from ..vm.vm import DEFAULT_MAX_INSNS
 from . import monitor
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..host.host import Host
     from ..vm.vm import VM
 
 

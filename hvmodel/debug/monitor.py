@@ -1,9 +1,10 @@
 """The hypervisor's view of a VM, as text: what ``monitor`` commands in gdb and ``hvmodel info`` print.
 
 * ``walk VADDR`` — the guest walk level by level (one walker: ``mmu/walk.py``
-  through a read-only view), and under it the VMM's own translation: for nested
-  paging the EPT entries that translate each guest table and the final page, for
-  shadow paging the shadow entries the hardware would walk;
+  through a read-only view), and under it the VMM's own translation as its MMU
+  describes it (``MMU.describe_gpa`` / ``describe_va``): for nested paging the EPT
+  entries that translate each guest table and the final page, for shadow paging the
+  shadow entries the hardware would walk;
 * ``p2m GPA`` — the p2m's state, frame and flags for a guest-physical page;
 * ``stats`` — the VM's counters;
 * ``info mem`` — the guest's mappings merged into ranges (like QEMU's ``info mem``),
@@ -22,56 +23,17 @@ from unicorn import x86_const as X
 
 from ..machine.pool import PAGE_SHIFT
 from ..mmu.p2m import P2MState
-from ..mmu.walk import ADDR_MASK, PTE_NX, PTE_PS, PTE_RW, PTE_US, paging_ctl, walk
+from ..mmu.walk import ADDR_MASK, LEVEL_NAMES, PTE_NX, PTE_PS, PTE_RW, PTE_US, paging_ctl, pte_flags, walk
 from ..vm.vcpu import PeekMemory
 
 if TYPE_CHECKING:
     from ..vm.vm import VM
-
-LEVEL_NAMES = {4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
-EPT_NAMES = {4: "EPT PML4E", 3: "EPT PDPTE", 2: "EPT PDE", 1: "EPT PTE"}
-
-
-class _ReadOnly:
-    """A TableMemory that forwards reads and drops the walk's A/D writes."""
-
-    def __init__(self, read) -> None:
-        self.read_pte = read
-
-    def write_pte(self, _addr: int, _value: int) -> None:
-        pass
-
-
-def _flags(e: int) -> str:
-    bits = ((1, "P"), (2, "W"), (4, "U"), (32, "A"), (64, "D"), (PTE_PS, "S"), (256, "G"))
-    return "".join(ch for bit, ch in bits if e & bit) + (" NX" if e & PTE_NX else "")
-
 
 def _ctl(vm: "VM") -> tuple[int, int, bool]:
     v = vm.vcpu
     user = v.cpl() == 3
     ctl = paging_ctl(v.reg(X.UC_X86_REG_CR0), v.reg(X.UC_X86_REG_CR4), v.efer(), v.reg(X.UC_X86_REG_RFLAGS), user)
     return v.reg(X.UC_X86_REG_CR3), ctl, user
-
-
-def ept_path(vm: "VM", gpa: int) -> list[str]:
-    """The nested (EPT) entries that translate ``gpa`` now, without resolving anything."""
-    mmu = vm.mmu
-    q = vm.pool.q
-    table = mmu.root << PAGE_SHIFT
-    gfn = gpa >> PAGE_SHIFT
-    out = []
-    for level, shift in ((4, 27), (3, 18), (2, 9), (1, 0)):
-        slot = table | ((gfn >> shift) & 0x1FF) << 3
-        e = q[slot >> 3]
-        rights = "".join(ch for bit, ch in ((1, "R"), (2, "W"), (4, "X"), (256, "A"), (512, "D")) if e & bit)
-        out.append(f"{EPT_NAMES[level]} at machine {slot:#x}: {e:#018x} [{rights}]")
-        if not e & 7:
-            out.append("  (not present: the next access is an EPT violation)")
-            return out
-        table = e & ADDR_MASK
-    out.append(f"  -> machine {(table | (gpa & 0xFFF)):#x}")
-    return out
 
 
 def walk_lines(vm: "VM", va: int) -> list[str]:
@@ -83,47 +45,19 @@ def walk_lines(vm: "VM", va: int) -> list[str]:
     res = walk(PeekMemory(v), cr3, va, 0, user, ctl, trace)
     if not trace:
         out.append("guest: paging off (guest virtual = guest physical)")
-    nested = vm.config.mmu == "nested"
+    mmu = vm.mmu
     for level, egpa, e in trace:
-        out.append(f"guest {LEVEL_NAMES[level]:<5} at gpa {egpa:#x}: {e:#018x} [{_flags(e)}] -> {e & ADDR_MASK:#x}")
-        if nested:
-            out.extend("    " + s for s in ept_path(vm, egpa))
+        out.append(f"guest {LEVEL_NAMES[level]:<5} at gpa {egpa:#x}: {e:#018x} [{pte_flags(e)}] -> {e & ADDR_MASK:#x}")
+        out.extend("    " + s for s in mmu.describe_gpa(egpa))
     if res < 0:
         out.append(f"guest: page fault, error code {~res:#x}")
         return out
     gpa = (res & ADDR_MASK) | (va & 0xFFF)
     out.append(f"guest physical {gpa:#x} (rights {'R' if res & 1 else '-'}{'W' if res & 2 else '-'}"
                f"{'X' if res & 4 else '-'})")
-    if nested:
-        out.append("final page through the nested tables:")
-        out.extend("    " + s for s in ept_path(vm, gpa))
-    elif vm.config.mmu == "shadow":
-        out.extend(_shadow_lines(vm, cr3, va, ctl, user))
-    else:
-        out.append("native: guest physical = Unicorn physical (no VMM)")
+    out.extend(mmu.describe_va(cr3, va, gpa, user, ctl))
     if vm.p2m is not None:
         out.extend(p2m_lines(vm, gpa))
-    return out
-
-
-def _shadow_lines(vm: "VM", cr3: int, va: int, ctl: int, user: bool) -> list[str]:
-    from ..mmu.shadow import role_of
-    mmu = vm.mmu
-    if not ctl & 1:
-        return ["shadow: paging off, nothing shadowed"]
-    root = mmu.pages.get(((cr3 & ADDR_MASK) >> PAGE_SHIFT, role_of(4)))
-    if root is None:
-        return ["shadow: no shadow root for this CR3 yet (built on the next fill)"]
-    q = vm.pool.q
-    trace: list = []
-    res = walk(_ReadOnly(lambda mpa: q[mpa >> 3]), root.frame << PAGE_SHIFT, va, 0, user, ctl, trace)
-    out = [f"shadow root: machine frame {root.frame:#x}"]
-    for level, empa, e in trace:
-        out.append(f"shadow {LEVEL_NAMES[level]:<5} at machine {empa:#x}: {e:#018x} [{_flags(e)}]")
-    if res < 0:
-        out.append("shadow: not filled in yet (the next access is a hidden fault)")
-    else:
-        out.append(f"  -> machine {(res & ADDR_MASK) | (va & 0xFFF):#x}")
     return out
 
 
@@ -147,13 +81,7 @@ def p2m_lines(vm: "VM", gpa: int) -> list[str]:
                  f"{', zero frame' if val == 0 else ''}")
     elif st == P2MState.SWAPPED:
         line += f", swap slot {val}"
-    out = [line]
-    if vm.config.mmu == "nested":
-        leaf = vm.mmu.lookup(gfn)
-        out.append(f"  EPT leaf: {leaf:#018x}" if leaf else "  EPT leaf: none")
-    elif vm.config.mmu == "shadow" and gfn in vm.mmu.shadowed:
-        out.append("  shadowed: this page holds guest page tables (write-protected)")
-    return out
+    return [line, *vm.mmu.describe(gfn)]
 
 
 def stats_lines(vm: "VM") -> list[str]:

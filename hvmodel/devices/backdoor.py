@@ -21,11 +21,11 @@ Commands implemented (numbers and status codes are the Linux driver's):
   (a driver unloading) succeeds and leaves the balloon inactive (``MCTL?`` = 0).
 * ``GET_TARGET`` (1), EBX = the guest's total pages (recorded): EBX = the target in
   4 KiB pages, ``min(target, MCTLMAX)``.
-* ``LOCK`` (2), EBX = one guest page frame number: the host frees the frame behind it.
+* ``LOCK`` (2), EBX = one guest page number (the driver's "PPN", a gfn): the host frees the frame behind it.
   EBX = the target on success. Errors: ``PPN_INVALID`` (2, outside guest memory),
   ``PPN_LOCKED`` (3, already in the balloon), ``PPN_NOTNEEDED`` (6, the balloon is at
   ``MCTLMAX``: the page would exceed the limit).
-* ``UNLOCK`` (3), EBX = one pfn: the page is the guest's again (reads as zero until
+* ``UNLOCK`` (3), EBX = one guest page number: the page is the guest's again (reads as zero until
   touched). EBX = the target on success. Errors: ``PPN_INVALID``, ``PPN_UNLOCKED``
   (4, not in the balloon).
 * ``GUEST_ID`` (4), EBX = the guest's type (Linux sends 1): recorded, ``SUCCESS``.
@@ -36,7 +36,7 @@ anything else) answer ``CMD_INVALID`` (1); any command but START before a START 
 after a START that granted nothing) answers ``RESET`` (7), which tells the driver to
 START again. Registers other than EAX are left alone on an error.
 
-Left out: batched LOCK/UNLOCK (a page of pfn/status entries), 2 MiB pages, the VMCI
+Left out: batched LOCK/UNLOCK (a page of page-number/status entries), 2 MiB pages, the VMCI
 doorbell (the host wakes the driver instead of waiting for its next poll), and a 64-bit
 target. A guest that asks for those capabilities simply is not granted them.
 
@@ -58,14 +58,53 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from enum import IntEnum
+from typing import Protocol
 
 from unicorn import x86_const as X
 
-from ..memory.balloon import BalloonStatus, HOST_CAPABILITIES
+class BalloonStatus(IntEnum):
+    """Status codes of the VMware balloon protocol (Linux ``vmw_balloon.c`` values)."""
 
-if TYPE_CHECKING:
-    from ..memory.balloon import Balloon
+    SUCCESS = 0
+    CMD_INVALID = 1         # unknown command, wrong magic, or a capability not granted
+    PPN_INVALID = 2         # the page number is outside guest memory
+    PPN_LOCKED = 3          # LOCK of a page already in the balloon
+    PPN_UNLOCKED = 4        # UNLOCK of a page not in the balloon
+    PPN_PINNED = 5          # the host cannot take this page (not used here)
+    PPN_NOTNEEDED = 6       # the host does not want it: LOCK would exceed MCTLMAX
+    RESET = 7               # the driver must START again (it has not started yet)
+    BUSY = 8                # not used here
+    SUCCESS_WITH_CAPABILITIES = 0x0300_0000  # START's answer; capabilities in ECX
+
+
+# Capabilities (START's argument and answer).
+CAP_BASIC_CMDS = 1 << 1         # LOCK and UNLOCK of one 4 KiB page
+CAP_BATCHED_CMDS = 1 << 2       # not offered
+CAP_BATCHED_2M_CMDS = 1 << 3    # not offered
+CAP_SIGNALLED_WAKEUP = 1 << 4   # not offered
+HOST_CAPABILITIES = CAP_BASIC_CMDS
+
+
+class BalloonBooks(Protocol):
+    """What the back-door needs of the host's balloon for the VM (:class:`hvmodel.vm.balloon.Balloon`)."""
+
+    active: bool
+    guest_id: int | None
+    guest_limit: int | None
+
+    @property
+    def effective_target(self) -> int: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    def start(self, requested_caps: int) -> int: ...
+
+    def lock(self, gfn: int) -> BalloonStatus: ...
+
+    def unlock(self, gfn: int) -> BalloonStatus: ...
+
 
 PORT = 0x5670
 MAGIC = 0x456C6D6F
@@ -92,9 +131,9 @@ Status = BalloonStatus
 
 
 class BackdoorBalloon:
-    """The balloon back-door port, answering for one VM's :class:`Balloon` (or none)."""
+    """The balloon back-door port, answering for one VM's balloon (or none)."""
 
-    def __init__(self, balloon: "Balloon | None", get: Callable[[int], int],
+    def __init__(self, balloon: BalloonBooks | None, get: Callable[[int], int],
                  set_: Callable[[int, int], None], *, on_change: Callable[[], None] | None = None,
                  port: int = PORT) -> None:
         self.balloon = balloon
@@ -165,15 +204,16 @@ class BackdoorBalloon:
             return Status.SUCCESS
         if b is None:
             return Status.PPN_NOTNEEDED if cmd == CMD_LOCK else Status.PPN_UNLOCKED
-        before = b.p2m.generation
+        before = b.generation
         status = b.lock(arg) if cmd == CMD_LOCK else b.unlock(arg)
         if status == Status.SUCCESS:
             self.set(X.UC_X86_REG_EBX, b.effective_target)
-        if self.on_change is not None and b.p2m.generation != before:
+        if self.on_change is not None and b.generation != before:
             self.on_change()
         return status
 
 
-__all__ = ["BackdoorBalloon", "PORT", "MAGIC", "Status", "CMD_START", "CMD_GET_TARGET", "CMD_LOCK",
+__all__ = ["BackdoorBalloon", "BalloonBooks", "BalloonStatus", "CAP_BASIC_CMDS", "CAP_BATCHED_CMDS",
+           "CAP_BATCHED_2M_CMDS", "CAP_SIGNALLED_WAKEUP", "HOST_CAPABILITIES", "PORT", "MAGIC", "Status", "CMD_START", "CMD_GET_TARGET", "CMD_LOCK",
            "CMD_UNLOCK", "CMD_GUEST_ID", "CMD_BATCHED_LOCK", "CMD_BATCHED_UNLOCK",
            "CMD_BATCHED_2M_LOCK", "CMD_BATCHED_2M_UNLOCK", "CMD_VMCI_DOORBELL_SET", "COMMAND_NAMES"]

@@ -1,43 +1,69 @@
-"""Load a guest for `hvmodel run`: an assembly source, a kernel (Multiboot / ELF64) or a flat binary."""
+"""A guest image and the boot protocol: the value the VM is created from (a leaf module).
+
+Everything that makes images (the assembler, :func:`hvmodel.guest.load.load_guest`, the
+kernel loader in :mod:`hvmodel.boot`) and everything that consumes them (the VM, the
+host, the checker, the benchmarks) meet here, so this module imports nothing of
+hvmodel: an image is plain bytes with an entry point, or a *boot protocol* object that
+installs a kernel into the VM itself.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from hvmodel.guest.asm import DEFAULT_LOAD_ADDR, GuestBuildError, GuestImage, build
-
-__all__ = ["load_guest", "GuestImage", "GuestBuildError"]
-
-ASM_SUFFIXES = {".asm", ".s", ".S"}
+DEFAULT_LOAD_ADDR = 0x100000   # guest-physical 1 MiB (docs/GUEST-ABI.md)
 
 
-def load_guest(path: str | Path, *, load_addr: int = DEFAULT_LOAD_ADDR,
-               include_dirs: list[Path] | None = None, append: str | None = None,
-               modules: list[str] | None = None) -> GuestImage:
-    """`.asm` (or `.s`) files are assembled and verified (see hvmodel.guest.asm); an ELF file
-    or a file with a Multiboot header is booted as QEMU's ``-kernel`` would
-    (hvmodel.boot.loader, with the command line ``append`` and boot ``modules``); any
-    other file is a flat binary loaded at `load_addr` and entered at its first byte."""
-    p = Path(path)
-    if not p.exists():
-        raise GuestBuildError(f"guest {p}: no such file")
-    if p.is_dir():
-        raise GuestBuildError(f"guest {p}: is a directory, expected a .asm source or a flat binary")
-    if not p.is_file():
-        raise GuestBuildError(f"guest {p}: not a regular file")
-    if p.suffix in ASM_SUFFIXES:
-        return build(p, load_addr=load_addr, include_dirs=include_dirs)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise GuestBuildError(f"guest {p}: cannot read: {e.strerror or e}") from e
-    from hvmodel.boot.loader import is_kernel, load_kernel
-    if is_kernel(p, data):
-        return load_kernel(path, append=append or "", modules=modules, data=data)
-    if append is not None or modules:
-        raise GuestBuildError(f"guest {p}: a command line or modules need a kernel (ELF or Multiboot), "
-                              f"not a flat binary")
-    if not data:
-        raise GuestBuildError(f"guest {p}: empty file (a flat binary must contain code)")
-    return GuestImage(code=data, load_addr=load_addr, entry=load_addr, symbols={},
-                      source_name=p.name)
+class GuestBuildError(ValueError):
+    """A guest image could not be built or loaded (exit status 2 in the CLI): a source that
+    does not assemble, or whose assembled code is not what it says; a missing or bad file."""
+
+
+class BootError(GuestBuildError):
+    """A kernel image that cannot be booted: malformed, or a piece that does not fit the VM
+    (raised by :mod:`hvmodel.boot`; the VM turns one raised while it installs the kernel
+    into a :class:`hvmodel.vm.vm.VMError`)."""
+
+
+class BootTarget(Protocol):
+    """The VM a boot protocol installs a kernel into (:class:`hvmodel.vm.vm.VM` is one).
+
+    ``config.memsize`` is its guest memory in bytes, ``ram.write_gpa(gpa, data)`` writes
+    guest-physical memory as the VMM, and ``vcpu`` is the vCPU whose entry state the
+    loader sets by running its stubs (:mod:`hvmodel.boot.entry`).
+    """
+
+    config: Any
+    ram: Any
+    vcpu: Any
+
+
+class BootProtocol(Protocol):
+    """A kernel that installs itself (Multiboot or ELF64, :class:`hvmodel.boot.loader.KernelBoot`)."""
+
+    def install(self, vm: BootTarget) -> None:
+        """Write the kernel and what it is handed into ``vm`` and set its entry state; raise
+        :class:`BootError` if a piece does not fit."""
+        ...
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """Code to load at ``load_addr`` and enter at ``entry`` — or, with ``boot``, a kernel that
+    installs itself (``code`` is then empty)."""
+
+    code: bytes
+    load_addr: int
+    entry: int
+    symbols: dict[str, int] = field(default_factory=dict)
+    source_name: str = "<guest>"
+    boot: BootProtocol | None = None
+
+    @property
+    def end(self) -> int:
+        """The first guest-physical address after the code."""
+        return self.load_addr + len(self.code)
+
+
+__all__ = ["BootError", "BootProtocol", "BootTarget", "DEFAULT_LOAD_ADDR", "GuestBuildError", "GuestImage"]

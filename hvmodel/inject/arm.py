@@ -38,10 +38,10 @@ import numpy as np
 
 from ..machine.pool import HostOutOfMemory
 from ..mmu.p2m import GuestMemoryError
-from .faults import EVENTS, OWNER_HOST, FaultSpec, FireContext, InjectError, NotYet
+from .registry import EVENTS, OWNER_HOST, FaultSpec, FireContext, InjectError, NotYet
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..host.host import Host
     from ..vm.vm import VM
 
 # Event kinds that are counted once the operation happened (a slot was written, a page
@@ -184,7 +184,7 @@ class Injector:
         if "balloon-lock" in kinds and vm.balloon is not None:
             lock = vm.balloon.lock
             self._wrap(vm.balloon, "lock",
-                       lambda pfn: (self._site("balloon-lock", vm, False, {"pfn": pfn}), lock(pfn))[1])
+                       lambda gfn: (self._site("balloon-lock", vm, False, {"gfn": gfn}), lock(gfn))[1])
 
     def validate(self) -> None:
         """Resolve each fault's VM and check it can act there; InjectError if not."""

@@ -1,316 +1,25 @@
-"""The named faults: what each one breaks, its parameters, and the outcome it must have.
+"""The catalogue of named faults: what each one breaks, where, and the outcome it must have.
 
-A fault is armed by name with parameters (``swap-read-error:nth=2``, or
-``@pytest.mark.fault("swap-read-error", nth=2)``). Every fault has a *site*, the kind of
-event where it acts:
-
-* site faults act inside the VMM at the event itself — a swap read or write, a frame
-  allocation, a TLB flush, a page compressed — through a wrapper the injector installs
-  only while the fault is armed (the fill path is untouched otherwise);
-* slice faults act between slices of guest execution (``site = "slice"``), where the VMM
-  may change anything safely: a bit flipped in a frame, a corrupted guest or nested
-  table entry, a lost shadow entry, memory taken from the host, an event for the guest.
-
-When a fault fires is the trigger's business (hvmodel/inject/arm.py: ``at``, ``nth``,
-``p``, ``count``, ``on``, ``vm``); this module says what happens then, and what the run
-must look like afterwards. Expected outcomes, per fault (docs/FAULTS.md has the table):
-
-``recovered``  the run is exactly the fault-free run (same instructions, console, exit
-               status and final memory): the VMM repaired what the fault broke — or the
-               fault was masked (the guest overwrote what it changed)
-``detected``   the VMM stopped the VM with a message naming the guest page
-``visible``    the guest saw the fault as it would on hardware (its own checks or death,
-               an event it received, or memory the differential check finds changed)
-
-Anything else — a Python traceback, a stop that names no page, a divergence where the
-fault allows none, a difference without the fault firing — is a bug the outcome checker
-reports (hvmodel/inject/outcome.py).
+Each class registers itself (:func:`hvmodel.inject.registry.register`) with its name, site,
+parameters and documented outcomes; docs/FAULTS.md lists them (``hvmodel faults`` prints
+the same). The vocabulary — sites, triggers, outcomes — is in :mod:`hvmodel.inject.registry`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from unicorn import x86_const as X
 
 from ..machine.pool import PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory
 from ..machine.swap import SwapError
-from ..mmu.nested import EPT_PS, EPT_R, EPT_RWX, EPT_W
+from ..mmu.nested import EPT_R, EPT_RWX, EPT_W
 from ..mmu.p2m import P2MState
-from ..mmu.walk import ACC_READ, ADDR_MASK, CTL_PG, paging_ctl, walk
+from ..mmu.walk import ACC_READ, CTL_PG, paging_ctl, walk
 from ..vm.exits import PF, VECTORS_WITH_ERROR_CODE, vector_name
-
-if TYPE_CHECKING:
-    from ..host import Host
-    from ..vm.vm import VM
-
-OUTCOMES = ("recovered", "detected", "visible")
-# Event kinds a trigger can count. "slice" is a slice boundary of the fault's VM.
-EVENTS = ("slice", "swap-read", "swap-write", "alloc", "tlb-flush", "compress", "balloon-lock")
-OWNER_HOST = -2   # pool owner of frames host-oom takes away from the VMs
-
-
-class InjectError(ValueError):
-    """A fault that cannot be armed: unknown name or parameter, bad value, wrong VM or mode."""
-
-
-class NotYet(Exception):
-    """A slice fault found nothing to act on yet (no shared frame, paging off, ...):
-    it stays armed and tries again at the VM's next slice boundary."""
-
-
-# -- parameters ---------------------------------------------------------------------------
-
-def _int(v: object) -> int:
-    if isinstance(v, bool):
-        raise ValueError("a number, not a boolean")
-    if isinstance(v, int):
-        return v
-    try:
-        return int(str(v).replace("_", ""), 0)
-    except ValueError:
-        raise ValueError("not a whole number") from None
-
-
-def _nonneg(v: object) -> int:
-    n = _int(v)
-    if n < 0:
-        raise ValueError("must be >= 0")
-    return n
-
-
-def _positive(v: object) -> int:
-    n = _int(v)
-    if n < 1:
-        raise ValueError("must be >= 1")
-    return n
-
-
-def _prob(v: object) -> float:
-    p = float(v)
-    if not 0 < p <= 1:
-        raise ValueError("a probability in (0, 1]")
-    return p
-
-
-def _bool(v: object) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("true or false")
-
-
-def _str(v: object) -> str:
-    return str(v)
-
-
-def _at(v: object) -> int | str:
-    """``N`` or ``LO..HI`` (drawn under the seed when the fault is armed)."""
-    if isinstance(v, str) and ".." in v:
-        lo, hi = (_nonneg(x) for x in v.split("..", 1))
-        if hi < lo:
-            raise ValueError(f"empty range {v}")
-        return f"{lo}..{hi}"
-    return _nonneg(v)
-
-
-def _event(v: object) -> str:
-    s = str(v)
-    if s not in EVENTS:
-        raise ValueError(f"an event kind: {', '.join(EVENTS)}")
-    return s
-
-
-def _va(v: object) -> int | str:
-    if str(v) in ("rip", "rsp"):
-        return str(v)
-    return _nonneg(v)
-
-
-def _vm(v: object) -> str:
-    return str(v)
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a fault: name, converter (raises ValueError), default, meaning."""
-
-    name: str
-    conv: Callable[[object], object]
-    default: object
-    doc: str
-
-
-# The trigger's parameters, accepted by every fault (hvmodel/inject/arm.py reads them).
-TRIGGER_PARAMS = (
-    Param("at", _at, 0, "guest instruction N of the fault's VM from which events count; or LO..HI, "
-                        "drawn under the run's seed. A slice fault with only `at` fires exactly at N"),
-    Param("nth", _positive, None, "fire at the Kth counted event (default 1)"),
-    Param("p", _prob, None, "instead of nth: fire at each counted event with probability p (seeded)"),
-    Param("count", _nonneg, 1, "how many times the fault fires (0: no limit)"),
-    Param("on", _event, None, "slice faults: the event kind whose Kth occurrence arms the fault for the "
-                              "next slice boundary (default: slice boundaries themselves)"),
-    Param("vm", _vm, None, "the VM, by name or number (default: any VM for site faults, the first VM "
-                           "for slice faults)"),
-)
-
-
-@dataclass
-class FaultSpec:
-    """A named fault with its parameters, converted and checked."""
-
-    name: str
-    params: dict = field(default_factory=dict)
-
-    def get(self, key: str) -> object:
-        """A parameter's value, or its default."""
-        if key in self.params:
-            return self.params[key]
-        return FAULTS[self.name].param(key).default
-
-    def text(self) -> str:
-        """The spec in ``--fault`` syntax: ``name:k=v,k=v``."""
-        if not self.params:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.params.items())
-
-    @property
-    def fault(self) -> "Fault":
-        return FAULTS[self.name]
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def make_spec(name: str, positional: tuple = (), **params: object) -> FaultSpec:
-    """Build and check a spec: ``make_spec("inject-exception", (13,), at=1000)``."""
-    fault = FAULTS.get(name)
-    if fault is None:
-        raise InjectError(f"unknown fault {name!r}; named faults: {', '.join(FAULTS)}")
-    if positional:
-        if fault.positional is None or len(positional) > 1:
-            raise InjectError(f"fault {name}: takes no positional value (use key=value)")
-        if fault.positional in params:
-            raise InjectError(f"fault {name}: {fault.positional} given twice")
-        params = {fault.positional: positional[0], **params}
-    out = {}
-    for k, v in params.items():
-        p = fault.param(k)
-        if p is None:
-            raise InjectError(f"fault {name}: unknown parameter {k!r} (accepted: "
-                              f"{', '.join(x.name for x in fault.all_params())})")
-        try:
-            out[k] = p.conv(v)
-        except (ValueError, TypeError) as e:
-            raise InjectError(f"fault {name}: {k}={v!r}: {e}") from None
-    for p in fault.params:
-        if p.default is REQUIRED and p.name not in out:
-            raise InjectError(f"fault {name}: parameter {p.name} is required ({p.doc})")
-    if "nth" in out and "p" in out:
-        raise InjectError(f"fault {name}: give nth or p, not both")
-    if "on" in out and fault.site != "slice":
-        raise InjectError(f"fault {name}: acts at each {fault.site} event; `on` is for slice faults")
-    spec = FaultSpec(name, out)
-    fault.check(spec)
-    return spec
-
-
-def parse_fault(text: str) -> FaultSpec:
-    """``name``, ``name:k=v,k=v`` or ``name:VALUE,k=v`` (the fault's positional parameter)."""
-    name, _, rest = text.strip().partition(":")
-    positional: list[str] = []
-    params: dict[str, str] = {}
-    for item in rest.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        k, eq, v = item.partition("=")
-        if eq:
-            params[k.strip()] = v.strip()
-        else:
-            positional.append(item)
-    return make_spec(name, tuple(positional), **params)
-
-
-REQUIRED = object()
-
-
-@dataclass
-class ExpectContext:
-    """What an expected outcome may depend on: the run's configuration."""
-
-    swap: bool = True        # every VM has a swap file
-    balloon: bool = False    # some VM's balloon driver is active (host targets reach the guest)
-
-
-@dataclass
-class FireContext:
-    """What an action gets when its fault fires."""
-
-    vm: "VM"
-    host: "Host | None"
-    rng: np.random.Generator
-    args: dict
-    later: Callable[[int, Callable[[], None]], None]   # run a callback at guest instruction N of vm
-    dry: bool = False   # choose the target (and raise NotYet) exactly as for real, but break nothing
-
-
-# -- the registry ---------------------------------------------------------------------------
-
-FAULTS: dict[str, "Fault"] = {}
-
-
-def register(cls: type) -> type:
-    FAULTS[cls.name] = cls()
-    return cls
-
-
-class Fault:
-    """Base of every named fault (class attributes document it; see docs/FAULTS.md)."""
-
-    name = ""
-    site = "slice"          # an EVENTS kind
-    after = False           # site faults: act after the event (the write happened) instead of before
-    needs: str | None = None    # "nested" or "shadow": the MMU mode the fault's VM must use
-    positional: str | None = None
-    summary = ""
-    expected_doc = ""
-    params: tuple[Param, ...] = ()
-
-    def all_params(self) -> tuple[Param, ...]:
-        return TRIGGER_PARAMS + self.params
-
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.all_params() if p.name == name), None)
-
-    def check(self, spec: FaultSpec) -> None:
-        """Extra consistency checks of a spec (InjectError)."""
-
-    def matches(self, spec: FaultSpec, args: dict) -> bool:
-        """Does a site event (its ``args``) count for this armed fault? (VM already matched.)"""
-        return True
-
-    def expected(self, spec: FaultSpec, ctx: ExpectContext) -> frozenset[str]:
-        raise NotImplementedError
-
-    def act(self, spec: FaultSpec, ctx: FireContext) -> str:
-        """Do the damage; return what was done (for the run's event log).
-
-        Slice faults are also called dry (``ctx.dry``): they must then choose exactly as
-        they would (same draws, same NotYet) and return before changing anything, so the
-        reference run ends its slices where the faulty run does.
-        """
-        raise NotImplementedError
+from .registry import (OWNER_HOST, REQUIRED, Fault, FireContext, InjectError, NotYet, Param, param_bool, param_nonneg,
+                       param_positive, param_str, param_va, register)
 
 
 def _p2m(ctx: FireContext):
@@ -325,7 +34,7 @@ def _gfn_of_slot(p2m, slot: int) -> int:
 
 
 def _drop_translated_code(pool, frame: int) -> None:
-    # Unicorn does not notice a frame rewritten from outside (ENGINE-NOTES 3.3): code
+    # Unicorn does not notice a frame rewritten from outside (docs/ENGINE.md U9): code
     # already translated from it would not see the change, as no CPU would fail to.
     # Slice faults run between slices, where dropping translated code is safe.
     if pool.fetched[frame]:
@@ -345,8 +54,8 @@ class SwapReadError(Fault):
     site = "swap-read"
     summary = "a read of the VM's swap file fails (I/O error)"
     expected_doc = "detected: the swap-in fails and the VM stops, naming the guest page"
-    params = (Param("gfn", _nonneg, None, "only the read of this guest page"),
-              Param("slot", _nonneg, None, "only the read of this swap slot"))
+    params = (Param("gfn", param_nonneg, None, "only the read of this guest page"),
+              Param("slot", param_nonneg, None, "only the read of this swap slot"))
 
     def matches(self, spec, args):
         slot = args["slot"]
@@ -385,7 +94,7 @@ class SwapBitflip(Fault):
     summary = "a bit of a page on disk flips after it was swapped out"
     expected_doc = ("detected: the slot fails its checksum when read back and the VM stops naming the "
                     "page; a page never read back is found by the final verification")
-    params = (Param("bit", _nonneg, None, "bit number in the 4 KiB page (default: drawn under the seed)"),)
+    params = (Param("bit", param_nonneg, None, "bit number in the 4 KiB page (default: drawn under the seed)"),)
 
     def expected(self, spec, ctx):
         return frozenset({"detected"})
@@ -414,11 +123,11 @@ class FrameBitflip(Fault):
                     "guest reads the byte before the scrub reaches the frame. An explicit `frame`: "
                     "whichever of these its content decides (a VMM table, a free frame, the zero "
                     "frame — which is checksummed too)")
-    params = (Param("gfn", _nonneg, None, "flip in the frame backing this guest page"),
-              Param("frame", _nonneg, None, "flip in this machine frame"),
-              Param("shared", _bool, False, "pick a frame shared by page sharing (copy-on-write)"),
-              Param("offset", _nonneg, None, "byte in the frame (default: drawn under the seed)"),
-              Param("bit", _nonneg, None, "bit in the byte, 0-7 (default: drawn under the seed)"))
+    params = (Param("gfn", param_nonneg, None, "flip in the frame backing this guest page"),
+              Param("frame", param_nonneg, None, "flip in this machine frame"),
+              Param("shared", param_bool, False, "pick a frame shared by page sharing (copy-on-write)"),
+              Param("offset", param_nonneg, None, "byte in the frame (default: drawn under the seed)"),
+              Param("bit", param_nonneg, None, "bit in the byte, 0-7 (default: drawn under the seed)"))
 
     def expected(self, spec, ctx):
         if spec.get("frame") is not None:
@@ -490,8 +199,8 @@ class HostOom(Fault):
                     "which its guest sees by design: visible); without swap: detected when a VM needs "
                     "a new frame (host out of memory, the VM stopped naming the page), recovered if "
                     "none does before the frames come back or the run ends")
-    params = (Param("frames", _nonneg, 0, "how many free frames to take (0: every free frame)"),
-              Param("duration", _nonneg, 0, "guest instructions until they are given back (0: never)"))
+    params = (Param("frames", param_nonneg, 0, "how many free frames to take (0: every free frame)"),
+              Param("duration", param_nonneg, 0, "guest instructions until they are given back (0: never)"))
 
     def expected(self, spec, ctx):
         if not ctx.swap:
@@ -525,10 +234,10 @@ class PteCorrupt(Fault):
     summary = "a bit flips in a guest page-table entry (in guest memory)"
     expected_doc = ("visible: the guest's next walk through the entry sees it as on hardware (a #PF, a "
                     "wrong mapping, a triple fault), or the differential check sees the changed table")
-    params = (Param("va", _va, "rsp", "the guest-virtual address whose walk has the entry: a number, "
+    params = (Param("va", param_va, "rsp", "the guest-virtual address whose walk has the entry: a number, "
                                       "`rip` (the next instruction) or `rsp` (where the next push goes)"),
-              Param("level", _nonneg, 0, "table level of the entry: 4 = PML4 ... 1 = PT, 0 = the leaf"),
-              Param("bit", _nonneg, 0, "bit of the 64-bit entry to flip (0 = present)"))
+              Param("level", param_nonneg, 0, "table level of the entry: 4 = PML4 ... 1 = PT, 0 = the leaf"),
+              Param("bit", param_nonneg, 0, "bit of the 64-bit entry to flip (0 = present)"))
 
     def check(self, spec):
         if spec.get("level") > 4 or spec.get("bit") > 63:
@@ -577,22 +286,21 @@ class PteCorrupt(Fault):
         return detail
 
 
-def _ept_entry_index(mmu, gfn: int, level: int) -> int:
-    """Index (into the pool's qword view) of the nested entry at ``level`` on gfn's path — the
-    2 MiB leaf when the path ends there (level 1 asked) — or -1 if there is none."""
-    q = mmu.q
-    table = mmu.root << PAGE_SHIFT
-    for lvl, shift in ((4, 27), (3, 18), (2, 9), (1, 0)):
-        idx = (table | ((gfn >> shift) & 0x1FF) << 3) >> 3
-        if lvl == level:
-            return idx
-        e = q[idx]
-        if not e & EPT_RWX:
-            return -1
-        if lvl == 2 and e & EPT_PS:
-            return idx if level == 1 else -1
-        table = e & ADDR_MASK
-    return -1
+def _leaf_readable(mmu, gfn: int) -> bool:
+    path = mmu.entries(gfn)
+    return bool(path and path[-1].leaf and path[-1].value & EPT_R)
+
+
+def _ept_entry(mmu, gfn: int, level: int):
+    """The nested entry at ``level`` on gfn's path (``MMU.entries``) — the 2 MiB leaf when the
+    path ends there and level 1 is asked — or None if the path does not reach it."""
+    path = mmu.entries(gfn)
+    for t in path:
+        if t.level == level:
+            return t
+    if level == 1 and path and path[-1].leaf:
+        return path[-1]
+    return None
 
 
 @register
@@ -606,10 +314,10 @@ class EptCorrupt(Fault):
                     "from the lost entry outlives it, because the VMM's next change of that page finds "
                     "no entry to invalidate and so asks for no flush (KVM too flushes only what its "
                     "rmap finds); a misconfigured entry is still found, invalidated and flushed")
-    params = (Param("gfn", _nonneg, None, "the guest page whose nested path has the entry (default: "
+    params = (Param("gfn", param_nonneg, None, "the guest page whose nested path has the entry (default: "
                                           "a mapped page, drawn under the seed)"),
-              Param("kind", _str, "misconfig", "`misconfig` (W without R) or `clear`"),
-              Param("level", _positive, 1, "nested level: 1 = the leaf ... 4 = the root's entry "
+              Param("kind", param_str, "misconfig", "`misconfig` (W without R) or `clear`"),
+              Param("level", param_positive, 1, "nested level: 1 = the leaf ... 4 = the root's entry "
                                            "(levels above 1: clear only)"))
 
     def check(self, spec):
@@ -627,17 +335,18 @@ class EptCorrupt(Fault):
         gfn = spec.get("gfn")
         if gfn is None:
             backed = np.flatnonzero((p2m.state == P2MState.PRIVATE) | (p2m.state == P2MState.SHARED))
-            mapped = [int(g) for g in backed if mmu.lookup(int(g)) & EPT_R]
+            mapped = [int(g) for g in backed if _leaf_readable(mmu, int(g))]
             if not mapped:
                 raise NotYet()
             gfn = int(ctx.rng.choice(mapped))
-        idx = _ept_entry_index(mmu, gfn, spec.get("level"))
-        if idx < 0 or not mmu.q[idx] & EPT_RWX:
+        entry = _ept_entry(mmu, gfn, spec.get("level"))
+        q = ctx.vm.pool.q
+        if entry is None or not q[entry.index] & EPT_RWX:
             raise NotYet()
-        old = mmu.q[idx]
+        old = q[entry.index]
         new = 0 if spec.get("kind") == "clear" else (old | EPT_W) & ~EPT_R
         if not ctx.dry:
-            mmu.q[idx] = new
+            q[entry.index] = new
         return f"level-{spec.get('level')} nested entry of guest page {gfn:#x}: {old:#x} -> {new:#x}"
 
 
@@ -648,27 +357,26 @@ class ShadowDrop(Fault):
     summary = "a shadow page-table entry is lost (cleared behind the shadow MMU's back)"
     expected_doc = ("recovered: the next fill through it misses, the VMM takes a hidden fault, walks "
                     "the guest's tables and installs the entry again")
-    params = (Param("level", _nonneg, 0, "shadow page level 1-4 to drop from (0: any)"),)
+    params = (Param("level", param_nonneg, 0, "shadow page level 1-4 to drop from (0: any)"),)
 
     def expected(self, spec, ctx):
         return frozenset({"recovered"})
 
     def act(self, spec, ctx):
-        mmu = ctx.vm.mmu
+        pool = ctx.vm.pool
         level = spec.get("level")
-        pages = sorted((sp for sp in mmu.pages.values() if not level or sp.level == level),
-                       key=lambda sp: (sp.gfn, sp.role))
+        pages = [t for t in ctx.vm.mmu.tables() if not level or t.level == level]
         entries = []
         for sp in pages:
-            q = np.frombuffer(mmu.pool.buf, dtype="<u8", count=512, offset=sp.frame << PAGE_SHIFT)
+            q = np.frombuffer(pool.buf, dtype="<u8", count=512, offset=sp.frame << PAGE_SHIFT)
             entries.extend((sp, int(i)) for i in np.flatnonzero(q))
         if not entries:
             raise NotYet()
         sp, i = entries[int(ctx.rng.integers(len(entries)))]
         slot = ((sp.frame << PAGE_SHIFT) | i << 3) >> 3
-        old = mmu.q[slot]
+        old = pool.q[slot]
         if not ctx.dry:
-            mmu.q[slot] = 0
+            pool.q[slot] = 0
         return f"dropped entry {i} ({old:#x}) of the level-{sp.level} shadow page for gfn {sp.gfn:#x}"
 
 
@@ -701,7 +409,7 @@ class CompressCorrupt(Fault):
                     "never needed again is found by the final verification — or recovered when the bit "
                     "changes nothing that decompresses (measured: a code length of an unused symbol in "
                     "the stream's Huffman table; the page comes back intact, checksum and all)")
-    params = (Param("gfn", _nonneg, None, "only when this guest page is compressed"),)
+    params = (Param("gfn", param_nonneg, None, "only when this guest page is compressed"),)
 
     def matches(self, spec, args):
         return args["stored"] and (spec.get("gfn") is None or args["gfn"] == spec.get("gfn"))
@@ -726,7 +434,7 @@ class BalloonLie(Fault):
     expected_doc = ("visible, as on ESX: the host frees the page's frame; the guest's next touch gets a "
                     "zeroed page (balloon_violations counts it) and its data is gone — or recovered if the "
                     "guest rewrites the page before it reads it")
-    params = (Param("gfn", _nonneg, None, "the page reported (default: a page holding data, drawn "
+    params = (Param("gfn", param_nonneg, None, "the page reported (default: a page holding data, drawn "
                                           "under the seed)"),)
 
     def expected(self, spec, ctx):
@@ -760,7 +468,7 @@ class SpuriousInterrupt(Fault):
                     "guest must recognise it) at the first slice boundary from the trigger on where "
                     "RFLAGS.IF = 1 — a CPU with interrupts off starts no INTA, so a guest that never "
                     "enables them never gets one (not fired)")
-    params = (Param("irq", _nonneg, 7, "7 (master) or 15 (slave)"),)
+    params = (Param("irq", param_nonneg, 7, "7 (master) or 15 (slave)"),)
 
     def check(self, spec):
         if spec.get("irq") not in (7, 15):
@@ -788,9 +496,9 @@ class InjectException(Fault):
     summary = "an exception for the guest, as if the next instruction raised it"
     expected_doc = ("visible: delivered through the guest's IDT (handler, #DF, or a triple fault "
                     "that stops the VM as hardware would)")
-    params = (Param("vector", _nonneg, REQUIRED, "the vector, 0-31"),
-              Param("error_code", _nonneg, None, "error code (vectors that push one; default 0)"),
-              Param("cr2", _nonneg, 0, "CR2 for a #PF"))
+    params = (Param("vector", param_nonneg, REQUIRED, "the vector, 0-31"),
+              Param("error_code", param_nonneg, None, "error code (vectors that push one; default 0)"),
+              Param("cr2", param_nonneg, 0, "CR2 for a #PF"))
 
     def check(self, spec):
         if spec.get("vector") > 31:
@@ -810,25 +518,3 @@ class InjectException(Fault):
             vm._deliver(vec, err, cr2=spec.get("cr2") if vec == PF else None)  # the VM's one event path
         return f"delivered {vector_name(vec)}" + (f"(err={err:#x})" if err is not None else "") + \
             f" at RIP {rip:#x}"
-
-
-def describe(name: str | None = None) -> str:
-    """The registry as text: every fault (or one), its site, parameters and expected outcome."""
-    if name is not None and name not in FAULTS:
-        raise InjectError(f"unknown fault {name!r}; named faults: {', '.join(FAULTS)}")
-    out = []
-    for f in FAULTS.values():
-        if name is not None and f.name != name:
-            continue
-        where = "between slices" if f.site == "slice" else f"at each {f.site} event"
-        needs = f", {f.needs} paging only" if f.needs else ""
-        out.append(f"{f.name} — {f.summary} (acts {where}{needs})")
-        out.append(f"  expected: {f.expected_doc}")
-        for p in f.params:
-            d = "required" if p.default is REQUIRED else "optional" if p.default is None else \
-                f"default {_fmt(p.default)}"
-            out.append(f"  {p.name}: {p.doc} ({d})")
-    if name is None:
-        out.append("every fault also takes: " + "; ".join(f"{p.name} ({p.doc})" for p in TRIGGER_PARAMS))
-    return "\n".join(out)
-

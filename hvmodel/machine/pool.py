@@ -2,7 +2,7 @@
 
 One anonymous ``mmap`` holds every machine frame. It is mapped once, with
 ``mem_map_ptr``, at machine address 0 into every vCPU's Unicorn instance
-(ENGINE-NOTES 3.1-3.2): the VMM chooses the frame a guest page uses through the
+(docs/ENGINE.md U8): the VMM chooses the frame a guest page uses through the
 TLB-fill hook's ``entry.paddr``, never by mapping pages one by one.
 
 Per-frame state lives in numpy arrays owned here: a reference count (a shared
@@ -71,11 +71,11 @@ class MachinePool:
         self.large_allocs = 0
         self.large_misses = 0   # no free aligned 2 MiB run: the caller fell back to 4 KiB
         # Frames some vCPU fetched instructions from. Unicorn keys translated code by
-        # machine address and does not notice the VMM rewriting a frame (ENGINE-NOTES
-        # 3.3), so such a frame, once freed, waits in quarantine until every vCPU has
+        # machine address and does not notice the VMM rewriting a frame (docs/ENGINE.md
+        # U9), so such a frame, once freed, waits in quarantine until every vCPU has
         # dropped its translated code (launder()). That cannot happen while a vCPU is
         # running: flushing translated code from inside a fill hook silently corrupts
-        # execution on Unicorn 2.1.4 (measured), so alloc() never hands out a
+        # execution on Unicorn 2.1.4 (measured; docs/ENGINE.md N2), so alloc() never hands out a
         # quarantined frame while ``running`` is set.
         self.fetched = np.zeros(self.nframes, dtype=np.bool_)
         self._quarantine: list[int] = []

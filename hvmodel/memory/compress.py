@@ -23,18 +23,16 @@ from collections import OrderedDict
 import xxhash
 
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory, MachinePool
+from ..mmu.p2m import CompressionError
 
 SLOT = 1024
 SLOTS_PER_FRAME = PAGE_SIZE // SLOT
 MAX_COMPRESSED = 2 * SLOT
 
 
-class CompressionError(RuntimeError):
-    """A compressed page could not be restored intact."""
-
-
 class CompressionCache:
-    """One VM's compressed pages, in 1 KiB slots of pool frames, LRU."""
+    """One VM's compressed pages, in 1 KiB slots of pool frames, LRU (the p2m's
+    :class:`~hvmodel.mmu.p2m.PageCache`)."""
 
     def __init__(self, pool: MachinePool, max_frames: int) -> None:
         self.pool = pool
@@ -163,8 +161,9 @@ class CompressionCache:
         self.free_pairs.clear()
         self.used.clear()
 
-    def counters(self) -> dict[str, int]:
-        """esxtop's ZIP view for this VM (pages and slots)."""
-        return {"CACHESZ": len(self.frames), "CACHEUSD_slots": self.slots_used,
+    def counters(self) -> dict[str, float]:
+        """esxtop's compression view for this VM, in pages: CACHESZ the cache's size (its
+        frames), CACHEUSD what its compressed pages use of it (1 KiB slots, 4 a page)."""
+        return {"CACHESZ": len(self.frames), "CACHEUSD": self.slots_used * SLOT / PAGE_SIZE,
                 "ZIP": self.zipped, "UNZIP": self.unzipped, "zip_rejected": self.rejected,
                 "zipped_pages": len(self.entries)}

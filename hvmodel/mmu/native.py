@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from .base import TableEntry, VmmTable
 from .walk import walk
 
 
@@ -51,6 +52,15 @@ class NativeMMU:
 
     kind = "native"
     flush_pending = False
+    intercepts_invlpg = False   # Unicorn's own MMU handles INVLPG of large pages itself
+    p2m = None                  # flat guest-physical memory, nothing to resolve
+
+    reference = True
+
+    @classmethod
+    def for_vm(cls, memory, pool, config) -> "NativeMMU":
+        """This mode for a VM (mmu/modes.py): ``memory`` is its flat RAM."""
+        return cls(memory)
 
     def __init__(self, ram: FlatRAM) -> None:
         self.ram = ram
@@ -69,6 +79,28 @@ class NativeMMU:
 
     def pinned(self, gfn: int) -> bool:
         return False
+
+    def test_and_clear_accessed(self, gfn: int) -> bool:
+        """No VMM structure records accesses in the reference mode (the host never asks)."""
+        return False
+
+    def zap(self, gfn: int) -> None:
+        """Nothing is derived from a p2m (there is none)."""
+
+    def describe(self, gfn: int) -> list[str]:
+        return []
+
+    def describe_gpa(self, gpa: int) -> list[str]:
+        return []
+
+    def describe_va(self, cr3: int, va: int, gpa: int, user: bool, ctl: int) -> list[str]:
+        return ["native: guest physical = Unicorn physical (no VMM)"]
+
+    def tables(self) -> list[VmmTable]:
+        return []
+
+    def entries(self, gfn: int) -> list[TableEntry]:
+        return []
 
     def peek_gpa(self, gpa: int) -> int:
         return gpa if gpa < self.ram.size else -1

@@ -50,8 +50,9 @@ so the first write to every page reaches the VMM: that is the dirty log.
 from __future__ import annotations
 
 from ..machine.pool import LARGE_FRAMES, OWNER_VMM, PAGE_SHIFT, ZERO_FRAME, HostOutOfMemory, MachinePool
+from .base import TableEntry, VmmTable
 from .p2m import P2M
-from .walk import ACC_WRITE, ADDR_MASK, PERM_RWX, PERM_W, PERM_X, WALK_LARGE, walk
+from .walk import ACC_WRITE, ADDR_MASK, PERM_RWX, PERM_W, PERM_X, WALK_LARGE, static_assert_layout, walk
 
 EPT_R = 1 << 0
 EPT_W = 1 << 1
@@ -65,11 +66,40 @@ EPT_D = 1 << 9
 NESTED_LEVELS = 4
 
 
+def ept_layout_problems(c) -> list[str]:
+    """What is wrong with the EPT entry layout in namespace ``c`` (empty: nothing)."""
+    out = []
+    bits = ("EPT_R", "EPT_W", "EPT_X", "EPT_PS", "EPT_A", "EPT_D")
+    seen = 0
+    for n in bits:
+        if c[n] & (c[n] - 1) or seen & c[n]:
+            out.append(f"{n} = {c[n]:#x} is not a bit of its own")
+        seen |= c[n]
+    if seen & c["EPT_MT_WB"]:
+        out.append("the memory type (bits 5:3) overlaps another EPT bit")
+    if c["EPT_RWX"] != 7:
+        out.append("EPT_RWX must be bits 2:0 (an entry is present iff e & EPT_RWX)")
+    if (seen | c["EPT_MT_WB"]) & ADDR_MASK:
+        out.append("EPT flag bits must be clear of the address bits (ADDR_MASK)")
+    return out
+EPT_NAMES = {4: "EPT PML4E", 3: "EPT PDPTE", 2: "EPT PDE", 1: "EPT PTE"}
+
+
+static_assert_layout(ept_layout_problems(globals()), __name__)
+
+
 class NestedMMU:
     """2D page walks through guest tables and VMM-owned EPT tables."""
 
     kind = "nested"
     intercepts_invlpg = False   # large-page pieces are kept coherent by write protection
+
+    reference = False
+
+    @classmethod
+    def for_vm(cls, memory, pool, config) -> "NestedMMU":
+        """This mode for a VM (mmu/modes.py): ``memory`` is its p2m."""
+        return cls(memory, pool)
 
     def __init__(self, p2m: P2M, pool: MachinePool, *, ntlb_entries: int = 64) -> None:
         if ntlb_entries & (ntlb_entries - 1):
@@ -432,6 +462,72 @@ class NestedMMU:
             return (leaf & ADDR_MASK) | (gpa & 0xFFF)
         frame = self.p2m.frame_of(gfn)
         return ((frame if frame >= 0 else ZERO_FRAME) << PAGE_SHIFT) | (gpa & 0xFFF)
+
+    # -- reports, the debugger, fault injection -----------------------------------------
+
+    def entries(self, gfn: int) -> list[TableEntry]:
+        """The EPT entries translating ``gfn``, root first, down to its leaf (4 KiB, or the
+        2 MiB leaf at level 2) or the first entry not present. No side effects."""
+        q = self.q
+        table = self.root << PAGE_SHIFT
+        out = []
+        for level, shift in ((4, 27), (3, 18), (2, 9), (1, 0)):
+            idx = (table | ((gfn >> shift) & 0x1FF) << 3) >> 3
+            e = q[idx]
+            present = bool(e & EPT_RWX)
+            leaf = present and (level == 1 or (level == 2 and bool(e & EPT_PS)))
+            out.append(TableEntry(level, idx, e, leaf))
+            if not present or leaf:
+                break
+            table = e & ADDR_MASK
+        return out
+
+    def describe_gpa(self, gpa: int) -> list[str]:
+        """The nested (EPT) entries that translate ``gpa`` now, one line each."""
+        gfn = gpa >> PAGE_SHIFT
+        out = []
+        for t in self.entries(gfn):
+            e = t.value
+            rights = "".join(ch for bit, ch in ((EPT_R, "R"), (EPT_W, "W"), (EPT_X, "X"), (EPT_A, "A"),
+                                                (EPT_D, "D")) if e & bit)
+            large = " (2 MiB page)" if t.leaf and t.level == 2 else ""
+            out.append(f"{EPT_NAMES[t.level]} at machine {t.index << 3:#x}: {e:#018x} [{rights}]{large}")
+            if not e & EPT_RWX:
+                out.append("  (not present: the next access is an EPT violation)")
+                return out
+            if t.leaf:
+                base = e & ADDR_MASK
+                if t.level == 2:
+                    base += (gfn & (LARGE_FRAMES - 1)) << PAGE_SHIFT
+                out.append(f"  -> machine {(base | (gpa & 0xFFF)):#x}")
+        return out
+
+    def describe_va(self, cr3: int, va: int, gpa: int, user: bool, ctl: int) -> list[str]:
+        """The final guest-physical page through the nested tables."""
+        return ["final page through the nested tables:"] + ["    " + s for s in self.describe_gpa(gpa)]
+
+    def describe(self, gfn: int) -> list[str]:
+        """gfn's EPT leaf."""
+        leaf = self.lookup(gfn)
+        return [f"  EPT leaf: {leaf:#018x}" if leaf else "  EPT leaf: none"]
+
+    def tables(self) -> list[VmmTable]:
+        """The EPT tables, depth first from the root."""
+        q = self.q
+        out: list[VmmTable] = []
+
+        def visit(frame: int, level: int) -> None:
+            out.append(VmmTable(level, frame, -1))
+            if level == 1:
+                return
+            base = frame << (PAGE_SHIFT - 3)
+            for i in range(512):
+                e = q[base + i]
+                if e & EPT_RWX and not e & EPT_PS:
+                    visit((e & ADDR_MASK) >> PAGE_SHIFT, level - 1)
+
+        visit(self.root, NESTED_LEVELS)
+        return out
 
     def counters(self) -> dict[str, int]:
         """This MMU's counters for reports."""

@@ -4,9 +4,10 @@ Per guest page number (gfn) the p2m holds a *state* and a value (a machine
 frame, or a swap slot / compression handle for pages that left RAM). It is the
 single owner of GPA → frame: the nested tables, shadow entries and Unicorn's
 TLBs are caches derived from it. Every change that can invalidate a cached
-translation calls the registered listeners with the gfn (they zap what they
-derived) and bumps ``generation``; vCPUs watching the generation flush their
-TLB before they run again.
+translation calls the registered listeners with the gfn (the MMUs' ``zap``: they
+drop what they derived and set ``flush_pending``, which the vCPU honours before it
+runs again or inside the fill) and bumps ``generation``, a change count (the balloon
+back-door compares it to learn whether a LOCK changed a mapping).
 
 States (Xen names every state; so do we):
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from enum import IntEnum
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -87,6 +88,42 @@ class GuestMemoryError(RuntimeError):
         self.host_failure = host_failure  # the host failed (OOM, swap I/O), not the guest
 
 
+class CompressionError(RuntimeError):
+    """A compressed page could not be restored intact (it does not decompress, or fails its
+    checksum). Declared here, where it is caught, so the p2m need not know the cache's module."""
+
+
+class PageCache(Protocol):
+    """What the p2m needs of a VM's compression cache (hvmodel/memory/compress.py)."""
+
+    frames: list[int]      # the cache's own frames (VMM overhead)
+    unzipped: int          # pages decompressed back
+
+    def compress(self, data: bytes | memoryview) -> bytes | None:
+        """The page compressed, or None if compressing does not pay."""
+        ...
+
+    def store(self, gfn: int, data: bytes | memoryview, blob: bytes) -> bool:
+        """Keep ``blob`` for ``gfn``; False if the cache has no room."""
+        ...
+
+    def load(self, gfn: int, remove: bool = True) -> bytes:
+        """``gfn``'s page, verified (CompressionError if damaged)."""
+        ...
+
+    def peek(self, gfn: int) -> bytes:
+        """``gfn``'s page, verified, left in the cache."""
+        ...
+
+    def lru(self) -> int | None:
+        """The page that leaves first when the cache is full."""
+        ...
+
+    def drop(self, gfn: int) -> None:
+        """Forget ``gfn``'s page."""
+        ...
+
+
 class P2M:
     """Guest-physical page states and frames for one VM (numpy arrays)."""
 
@@ -108,7 +145,7 @@ class P2M:
         # The VM's swap file, when it has one (the host creates it at power-on), and its
         # compression cache (memory/compress.py), when the host gives it one.
         self.swap: SwapDevice | None = None
-        self.zip = None
+        self.zip: PageCache | None = None
         # Host hooks: reclaim(n, p2m) frees up to n frames (returns how many) when an
         # allocation fails; unshared(frame, p2m, gfn) tells page sharing that gfn no
         # longer maps the shared frame.
@@ -328,7 +365,6 @@ class P2M:
         return frame
 
     def _unzip(self, gfn: int) -> int:
-        from ..memory.compress import CompressionError
         try:
             data = self.zip.load(gfn, remove=False)  # verified, still in the cache
         except CompressionError as e:
@@ -379,7 +415,6 @@ class P2M:
         return "zip"
 
     def _zip_to_swap(self, gfn: int) -> None:
-        from ..memory.compress import CompressionError
         try:
             data = self.zip.load(gfn, remove=False)   # kept until the swap write succeeded
         except CompressionError as e:

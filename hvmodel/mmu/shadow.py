@@ -64,9 +64,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..machine.pool import LARGE_FRAMES, PAGE_SHIFT, ZERO_FRAME, MachinePool
+from .base import TableEntry, VmmTable
 from .p2m import P2M
-from .walk import (ACC_WRITE, ADDR_MASK, CTL_PG, PERM_RWX, PERM_W, PTE_A, PTE_D, PTE_NX, PTE_P,
-                   PTE_PS, PTE_RW, PTE_US, WALK_1G, WALK_2M, WALK_LARGE, walk)
+from .walk import (ACC_READ, ACC_WRITE, ADDR_MASK, CTL_PG, LEVEL_NAMES, PERM_RWX, PERM_W, PTE_A, PTE_D,
+                   PTE_NX, PTE_P, PTE_PS, PTE_RW, PTE_US, WALK_1G, WALK_2M, WALK_LARGE, pte_flags,
+                   static_assert_layout, walk)
 
 FLOOD_THRESHOLD = 3        # traced writes to a non-leaf table, with no fault using it, before unshadowing
 OOS_AFTER_WRITES = 2       # traced writes to a leaf table before it goes out of sync
@@ -78,11 +80,27 @@ _ROLE_DIRTY = 1 << 4
 _ROLE_1G = 1 << 5
 
 
+def role_layout_problems(c) -> list[str]:
+    """What is wrong with the shadow page role and entry layout in namespace ``c``."""
+    out = []
+    flags = (c["_ROLE_DIRECT"], c["_ROLE_DIRTY"], c["_ROLE_1G"])
+    if any(f & 7 for f in flags) or len(set(flags)) != 3 or any(f & (f - 1) for f in flags):
+        out.append("role flags must be distinct single bits above the level (bits 2:0)")
+    if c["_COPY_BITS"] & ADDR_MASK:
+        out.append("copied entry bits must be clear of the address bits")
+    if c["WALK_1G"] > 0xFF:
+        out.append("direct_frame (uint8) must hold WALK_2M / WALK_1G")
+    return out
+
+
 def role_of(level: int, direct: bool = False, dirty: bool = False, huge: bool = False) -> int:
     """Pack a shadow page role: level, direct, and for direct pages the dirty state and
     size (2 MiB or 1 GiB) of the guest leaf they split."""
     return level | (_ROLE_DIRECT if direct else 0) | (_ROLE_DIRTY if dirty else 0) | \
         (_ROLE_1G if huge else 0)
+
+
+static_assert_layout(role_layout_problems(globals()), __name__)
 
 
 @dataclass(eq=False)
@@ -151,11 +169,31 @@ class _GuestTableMemory:
             snap[(gpa & 0xFFF) >> 3] = value
 
 
+class _ReadOnlyTables:
+    """Shadow tables for a report's walk: reads only, the walk's A/D updates dropped."""
+
+    def __init__(self, q: memoryview) -> None:
+        self.q = q
+
+    def read_pte(self, mpa: int) -> int:
+        return self.q[mpa >> 3]
+
+    def write_pte(self, mpa: int, value: int) -> None:
+        pass
+
+
 class ShadowMMU:
     """Shadow page tables for one VM (one vCPU)."""
 
     kind = "shadow"
     intercepts_invlpg = True   # KVM's shadow MMU exits on INVLPG; large-page pieces need it
+
+    reference = False
+
+    @classmethod
+    def for_vm(cls, memory, pool, config) -> "ShadowMMU":
+        """This mode for a VM (mmu/modes.py): ``memory`` is its p2m."""
+        return cls(memory, pool, max_pages=config.shadow_max_pages)
 
     def __init__(self, p2m: P2M, pool: MachinePool, *, max_pages: int | None = None,
                  max_oos: int = DEFAULT_MAX_OOS) -> None:
@@ -201,7 +239,7 @@ class ShadowMMU:
         self.recent_roots: list[int] = []
         self.guest_walks = 0
         self.large_leaves = 0
-        p2m.listeners.append(self.zap_gfn)
+        p2m.listeners.append(self.zap)
 
     # -- the fill path --------------------------------------------------------------
 
@@ -572,7 +610,7 @@ class ShadowMMU:
         self._zap_page(victims[0])
         self.shadow_evictions += 1
 
-    def zap_gfn(self, gfn: int) -> None:
+    def zap(self, gfn: int) -> None:
         """p2m listener: gfn's frame or rights changed; drop every leaf that maps it."""
         for sp, idx in list(self.rmap.get(gfn, ())):
             self._zap_entry(sp, idx)
@@ -593,7 +631,7 @@ class ShadowMMU:
         """Was gfn accessed since the last call? (it has shadow leaves; they are zapped)."""
         if not self.rmap.get(gfn) and not self.rmap.get(~(gfn // LARGE_FRAMES)):
             return False
-        self.zap_gfn(gfn)
+        self.zap(gfn)
         return True
 
     def pinned(self, gfn: int) -> bool:
@@ -608,6 +646,43 @@ class ShadowMMU:
         if gfn >= self.p2m.npages:
             return -1
         return (self.p2m_frame(gfn) << PAGE_SHIFT) | (gpa & 0xFFF)
+
+    def describe(self, gfn: int) -> list[str]:
+        """Whether ``gfn`` holds guest page tables this MMU shadows."""
+        if gfn in self.shadowed:
+            return ["  shadowed: this page holds guest page tables (write-protected)"]
+        return []
+
+    def describe_gpa(self, gpa: int) -> list[str]:
+        """Shadow paging has no guest-physical tables of its own."""
+        return []
+
+    def describe_va(self, cr3: int, va: int, gpa: int, user: bool, ctl: int) -> list[str]:
+        """The shadow entries the hardware would walk for ``va`` (read-only)."""
+        if not ctl & CTL_PG:
+            return ["shadow: paging off, nothing shadowed"]
+        root = self.pages.get(((cr3 & ADDR_MASK) >> PAGE_SHIFT, role_of(4)))
+        if root is None:
+            return ["shadow: no shadow root for this CR3 yet (built on the next fill)"]
+        trace: list = []
+        res = walk(_ReadOnlyTables(self.q), root.frame << PAGE_SHIFT, va, ACC_READ, user, ctl, trace)
+        out = [f"shadow root: machine frame {root.frame:#x}"]
+        for level, empa, e in trace:
+            out.append(f"shadow {LEVEL_NAMES[level]:<5} at machine {empa:#x}: {e:#018x} [{pte_flags(e)}]")
+        if res < 0:
+            out.append("shadow: not filled in yet (the next access is a hidden fault)")
+        else:
+            out.append(f"  -> machine {(res & ADDR_MASK) | (va & 0xFFF):#x}")
+        return out
+
+    def tables(self) -> list[VmmTable]:
+        """The shadow pages, by (guest frame, role)."""
+        return [VmmTable(sp.level, sp.frame, sp.gfn, sp.role)
+                for sp in sorted(self.pages.values(), key=lambda sp: (sp.gfn, sp.role))]
+
+    def entries(self, gfn: int) -> list[TableEntry]:
+        """Shadow paging has no guest-physical tables of its own."""
+        return []
 
     def counters(self) -> dict[str, int]:
         return {

@@ -33,7 +33,7 @@ FAULT_GP for a non-canonical address.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Mapping, Protocol
 
 # Accesses, as Unicorn's UC_MEM_READ/WRITE/FETCH (16/17/18) minus 16.
 ACC_READ = 0
@@ -73,6 +73,7 @@ PTE_G = 1 << 8
 PTE_NX = 1 << 63
 
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
+LEVEL_NAMES = {4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
 
 # Paging controls that change what an entry means, packed into one int ("ctl").
 # The same bits later form the shadow MMU's page role.
@@ -105,6 +106,12 @@ class TableMemory(Protocol):
     def read_pte(self, gpa: int) -> int: ...
 
     def write_pte(self, gpa: int, value: int) -> None: ...
+
+
+def pte_flags(e: int) -> str:
+    """A paging-structure entry's flags as letters, for reports: ``PWUADSG`` and `` NX``."""
+    bits = ((PTE_P, "P"), (PTE_RW, "W"), (PTE_US, "U"), (PTE_A, "A"), (PTE_D, "D"), (PTE_PS, "S"), (PTE_G, "G"))
+    return "".join(ch for bit, ch in bits if e & bit) + (" NX" if e & PTE_NX else "")
 
 
 def paging_ctl(cr0: int, cr4: int, efer: int, rflags: int, user: bool, implicit: bool = False) -> int:
@@ -213,3 +220,55 @@ def _pfec(bits: int, acc: int, user: bool, ctl: int) -> int:
     if user:
         bits |= PFEC_U
     return bits
+
+
+# -- bit-layout invariants ----------------------------------------------------------------------
+# Checked at import, as KVM's spte.h does with static asserts: the fill path combines these
+# constants with plain integer arithmetic, so a layout that overlaps would translate silently
+# wrong rather than fail.
+
+def _single_bits(c: Mapping[str, int], names: tuple[str, ...]) -> list[str]:
+    out = []
+    seen = 0
+    for n in names:
+        v = c[n]
+        if v <= 0 or v & (v - 1):
+            out.append(f"{n} = {v:#x} is not a single bit")
+        elif seen & v:
+            out.append(f"{n} = {v:#x} overlaps another of {', '.join(names)}")
+        seen |= v
+    return out
+
+
+def layout_problems(c: Mapping[str, int]) -> list[str]:
+    """What is wrong with the walk's bit layout in namespace ``c`` (empty: nothing)."""
+    out = []
+    for perm, acc in (("PERM_R", "ACC_READ"), ("PERM_W", "ACC_WRITE"), ("PERM_X", "ACC_FETCH")):
+        if c[perm] != 1 << c[acc]:
+            out.append(f"{perm} must be 1 << {acc} (walk() tests the right with perms & (1 << acc))")
+    if c["PERM_R"] | c["PERM_W"] | c["PERM_X"] != c["PERM_RWX"]:
+        out.append("PERM_RWX must be PERM_R | PERM_W | PERM_X")
+    flags = ("PERM_R", "PERM_W", "PERM_X", "WALK_2M", "WALK_1G")
+    out += _single_bits(c, flags)
+    if c["WALK_LARGE"] != c["WALK_2M"] | c["WALK_1G"]:
+        out.append("WALK_LARGE must be WALK_2M | WALK_1G")
+    result_flags = c["PERM_RWX"] | c["WALK_2M"] | c["WALK_1G"]
+    if result_flags & c["ADDR_MASK"] or result_flags >= 1 << 12:
+        out.append("the walk's result flags must lie in bits 11:0, clear of the address (ADDR_MASK)")
+    out += _single_bits(c, ("PFEC_P", "PFEC_W", "PFEC_U", "PFEC_RSVD", "PFEC_I", "FAULT_GP"))
+    out += _single_bits(c, ("CTL_PG", "CTL_WP", "CTL_NXE", "CTL_SMEP", "CTL_SMAP"))
+    out += _single_bits(c, ("PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS",
+                            "PTE_G", "PTE_NX"))
+    low = c["PTE_P"] | c["PTE_RW"] | c["PTE_US"] | c["PTE_A"] | c["PTE_D"] | c["PTE_PS"] | c["PTE_G"]
+    if low & c["ADDR_MASK"] or c["PTE_NX"] & c["ADDR_MASK"]:
+        out.append("entry flag bits must be clear of the address bits (ADDR_MASK)")
+    return out
+
+
+def static_assert_layout(problems: list[str], where: str) -> None:
+    """Refuse to import ``where`` with a broken bit layout (an error, not ``assert``: -O keeps it)."""
+    if problems:
+        raise ImportError(f"{where}: bit layout broken: " + "; ".join(problems))
+
+
+static_assert_layout(layout_problems(globals()), __name__)

@@ -1,6 +1,6 @@
 """Hidden CPU state that Unicorn does not expose as registers, edited through context blobs.
 
-Two things a VMM must do that Unicorn 2.1.4 has no API for (ENGINE-NOTES 4.7, 4.9):
+Two things a VMM must do that Unicorn 2.1.4 has no API for (docs/ENGINE.md U11, U24):
 
 * clear QEMU's remembered "last contributory exception" (``old_exception``)
   after each fault the VMM delivers, or the next fault turns into #DF and the

@@ -1,6 +1,6 @@
 """Event delivery through the guest IDT: what the CPU does on an exception or interrupt.
 
-Unicorn never delivers an event itself (ENGINE-NOTES 4.1), so the VMM does it the
+Unicorn never delivers an event itself (docs/ENGINE.md U10), so the VMM does it the
 way the hardware would in 64-bit mode (Intel SDM vol. 3 §6.14):
 
 1. read the 16-byte gate from the IDT (a supervisor, implicit access);
@@ -11,7 +11,7 @@ way the hardware would in 64-bit mode (Intel SDM vol. 3 §6.14):
 4. push SS, RSP, RFLAGS, CS, RIP and the error code, setting A/D bits on the way;
 5. load CS (and a NULL SS on a privilege change) — through the CPU-state blob,
    since Unicorn cannot change the CPL otherwise — and clear QEMU's remembered
-   exception so the next fault is not taken for a double fault (ENGINE-NOTES 4.7);
+   exception so the next fault is not taken for a double fault (docs/ENGINE.md U11);
 6. RIP = handler; RFLAGS loses TF, NT, RF, and IF for interrupt gates.
 
 A fault while delivering is handled as the SDM's double-fault table says: it
@@ -215,7 +215,7 @@ class EventInjector:
         elif new_cs != old_cs:
             vcpu.state.edit(cs=descriptor_cache(new_cs, desc))
         else:
-            vcpu.state.edit()  # only forget the exception (ENGINE-NOTES 4.7)
+            vcpu.state.edit()  # only forget the exception (docs/ENGINE.md U11)
         rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
         if gate_type == GATE_INTERRUPT:
             rflags &= ~RFLAGS_IF

@@ -131,7 +131,7 @@ class InvlpgIntercept:
             target += self._read(seg)
         target &= (1 << 64) - 1
         # Unicorn drops only the 4 KiB entry of the target; the other pieces of a large
-        # page around it must go too, and there is no per-page flush (ENGINE-NOTES 2.3).
+        # page around it must go too, and there is no per-page flush (docs/ENGINE.md U5, U6).
         if target >> 21 in v.large_2m or target >> 30 in v.large_1g:
             v.flush_tlb()
 

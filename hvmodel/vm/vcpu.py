@@ -1,6 +1,6 @@
 """One virtual CPU: a Unicorn instance, its hooks, and a run loop that returns exits as values.
 
-The TLB-fill hook is where the VMM lives (ENGINE-NOTES 1): with
+The TLB-fill hook is where the VMM lives (docs/ENGINE.md U1-U4): with
 ``UC_TLB_VIRTUAL`` every Unicorn TLB miss asks :meth:`VCpu._fill` for the
 machine address and rights of a guest-virtual page, and the VM's MMU decides.
 The hook is registered through a raw ctypes callback (no binding wrapper), reads
@@ -15,31 +15,47 @@ tables over flat guest-physical memory and there is no fill hook at all.
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
-                     UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MODE_64, UC_PROT_ALL, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc,
-                     UcError)
+                     UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MEM_READ, UC_MEM_WRITE, UC_MODE_64, UC_PROT_ALL,
+                     UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 
+from ..mmu.base import MMU
 from ..mmu.p2m import AllocationBlocked
-from ..mmu.walk import CR0_PG, EFER_LMA, ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, FAULT_GP, WALK_1G, WALK_LARGE, paging_ctl, walk
+from ..mmu.walk import (ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, CR0_PG, EFER_LMA, FAULT_GP, PERM_R, PERM_W, PERM_X,
+                        WALK_1G, WALK_LARGE, paging_ctl, static_assert_layout, walk)
 from .cpustate import CpuStateEditor, verify_offsets
 from .cpuid import cpuid
 from .exits import GP, PF, UD, ExitReason, VmExit
-from .intercept import InvlpgIntercept
 
 if TYPE_CHECKING:
     from ..devices.bus import IOBus
 
+def engine_layout_problems(c) -> list[str]:
+    """What does not match Unicorn in namespace ``c``: the fill hook hands ``r & 7`` to Unicorn
+    as ``uc_tlb_entry.perms`` and turns Unicorn's access type into ``ACC_*`` by subtracting 16."""
+    out = []
+    for perm, prot in (("PERM_R", UC_PROT_READ), ("PERM_W", UC_PROT_WRITE), ("PERM_X", UC_PROT_EXEC)):
+        if c[perm] != prot:
+            out.append(f"{perm} must equal Unicorn's UC_PROT value {prot}")
+    for acc, mem in (("ACC_READ", UC_MEM_READ), ("ACC_WRITE", UC_MEM_WRITE), ("ACC_FETCH", UC_MEM_FETCH)):
+        if c[acc] != mem - 16:
+            out.append(f"{acc} must be Unicorn's UC_MEM value {mem} - 16")
+    return out
+
+
+static_assert_layout(engine_layout_problems(globals()), __name__)
+
 CPU_MODEL = X.UC_CPU_X86_DENVERTON  # NX, SMEP, SMAP, 1 GiB pages, MAXPHYADDR 40, no PKU
 
 MSR_EFER = 0xC0000080
-# uc_ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE): the binding has no wrapper (ENGINE-NOTES 2.3).
+# uc_ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE): the binding has no wrapper (docs/ENGINE.md U5).
 _CTL_TLB_FLUSH = (1 << 30) | 11
 # Unicorn's TLB starts at 256 entries per privilege and doubles (up to 2^20) only at a
-# flush that finds it more than 70 % used (ENGINE-NOTES 2.5, re-checked on 2.1.4: 4,096
+# flush that finds it more than 70 % used (docs/ENGINE.md U7, re-checked on 2.1.4: 4,096
 # pages written in a loop cost 4,096 fills per pass until 4 flushes later, then 0). A
 # workload that never flushes would thrash 256 entries forever, so the fill hook flushes
 # once fills since the last flush reach twice the size it believes the TLB has.
@@ -61,23 +77,6 @@ def _tlb_size_after_flush(size: int, used: int) -> int:
             ceil *= 2
         return max(ceil, _TLB_MIN)
     return size
-
-
-class Translator(Protocol):
-    """An MMU as the vCPU sees it: GVA → address in the vCPU's physical buffer.
-
-    ``flush_pending``: a translation the MMU handed out changed — flush Unicorn's TLB.
-    ``on_exit()``: the vCPU stopped running guest code; finish deferred work.
-    """
-
-    kind: str
-    flush_pending: bool
-
-    def translate(self, cr3: int, va: int, acc: int, user: bool, ctl: int) -> int: ...
-
-    def on_exit(self) -> None: ...
-
-    def peek_gpa(self, gpa: int) -> int: ...
 
 
 class _Msr(ctypes.Structure):
@@ -108,7 +107,7 @@ class VCpu:
     """A vCPU: Unicorn instance + fill hook + I/O and exception hooks + run loop."""
 
     def __init__(self, mem_host_addr: int, mem_size: int, mem_q: memoryview, mem_mv: memoryview,
-                 mmu: Translator, io: "IOBus", *, native: bool = False) -> None:
+                 mmu: MMU, io: "IOBus", *, native: bool = False) -> None:
         self.offsets = verify_offsets()
         self.mmu = mmu
         self.io = io
@@ -160,10 +159,10 @@ class VCpu:
         # Regions (va >> 21, va >> 30) of guest large pages with pieces in Unicorn's TLB.
         self.large_2m: set[int] = set()
         self.large_1g: set[int] = set()
-        # Only an MMU that asks for it gets the INVLPG intercept (it costs every instruction
-        # a code-hook check); nested keeps large-page pieces coherent by write protection.
-        self.invlpg = InvlpgIntercept(self) if getattr(mmu, "intercepts_invlpg", False) and not native \
-            else None
+        # The INVLPG intercept (vm/intercept.py), which the VM gives a vCPU whose MMU asks for
+        # it (it costs every instruction a code-hook check); nested keeps large-page pieces
+        # coherent by write protection instead.
+        self.invlpg = None
         # OUT to these ports ends the slice (the VM sets the timer/PIC ports).
         self.kick_ports: frozenset[int] = frozenset()
         self._stop_counter = -1

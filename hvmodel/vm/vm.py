@@ -32,23 +32,23 @@ from ..devices.debugexit import DebugExit
 from ..devices.pic import Pic8259Pair
 from ..devices.pit import Pit8254
 from ..devices.uart import Uart16550
-from ..guest.image import GuestImage
+from ..guest.image import BootError, GuestImage
 from ..machine.pool import OWNER_VMM, PAGE_SHIFT, PAGE_SIZE, HostOutOfMemory, MachinePool
-from ..mmu.native import FlatRAM, NativeMMU
-from ..mmu.nested import NestedMMU
-from ..mmu.shadow import ShadowMMU
+from ..mmu.modes import MODES
+from ..mmu.native import FlatRAM
 from ..mmu.p2m import P2M, GuestMemoryError, P2MState
 from ..machine.swap import SwapDevice
-from ..memory.balloon import Balloon
+from .balloon import Balloon
 from .events import EventInjector, TripleFault
 from .exits import PF, ExitReason, VmExit, vector_name
+from .intercept import InvlpgIntercept
 from .vcpu import UnsupportedPagingMode, VCpu
 
 MIB = 1 << 20
 DEFAULT_MEM = 64 * MIB
 DEFAULT_SLICE = 2_000_000
 DEFAULT_MAX_INSNS = 500_000_000
-MMU_MODES = ("nested", "shadow", "native")
+MMU_MODES = tuple(MODES)   # ("nested", "shadow", "native")
 
 
 class VMError(Exception):
@@ -114,7 +114,8 @@ class VM:
         if image.load_addr + len(image.code) > config.memsize:
             raise VMError(f"guest image ({len(image.code)} bytes at {image.load_addr:#x}) "
                           f"does not fit in {config.memsize // MIB} MiB of guest memory")
-        self.native = config.mmu == "native"
+        mode = MODES[config.mmu]
+        self.native = mode.reference
         self.host = host
         self.swap = swap
         if self.native:
@@ -122,7 +123,7 @@ class VM:
             ram = FlatRAM(config.memsize)
             self.p2m = None
             self.ram = ram
-            self.mmu = NativeMMU(ram)
+            self.mmu = mode.for_vm(ram, None, config)
             phys = (ram.host_addr, ram.size, ram.q, ram.mv)
         else:
             if pool is None:
@@ -134,10 +135,7 @@ class VM:
                 host.attach(self.p2m)
             self.ram = self.p2m
             try:
-                if config.mmu == "shadow":
-                    self.mmu = ShadowMMU(self.p2m, pool, max_pages=config.shadow_max_pages)
-                else:
-                    self.mmu = NestedMMU(self.p2m, pool)
+                self.mmu = mode.for_vm(self.p2m, pool, config)
             except HostOutOfMemory as e:
                 raise VMError(f"cannot create the {config.mmu} page tables: {e}") from None
             # Unicorn maps RAM up to the pool's device window (the APIC's MMIO page).
@@ -159,9 +157,11 @@ class VM:
             self.io.attach(dev)
 
         self.vcpu = VCpu(*phys, self.mmu, self.io, native=self.native)
+        if self.mmu.intercepts_invlpg:
+            self.vcpu.invlpg = InvlpgIntercept(self.vcpu)
         self.vcpu.kick_ports = frozenset(self.pit.ports) | frozenset(self.pic.ports)
         self.apic = self._map_apic(pool) if config.memsize <= APIC_BASE else None
-        # Ballooning (memory/balloon.py) through the back-door port 0x5670; native: target 0.
+        # Ballooning (vm/balloon.py) through the back-door port 0x5670; native: target 0.
         self.balloon = Balloon(self.p2m, maxmemctl=config.maxmemctl) if self.p2m is not None else None
         self.backdoor = BackdoorBalloon(self.balloon, self.vcpu.reg, self.vcpu.set_reg,
                                         on_change=lambda: self.mmu.flush_pending and self.vcpu.flush_tlb())
@@ -186,9 +186,11 @@ class VM:
 
     def _load(self, image: GuestImage) -> None:
         """Copy the image into guest-physical memory and set the entry state (GUEST-ABI.md)."""
-        if image.boot is not None:  # a Multiboot / ELF64 kernel (hvmodel.boot.loader)
+        if image.boot is not None:  # a Multiboot / ELF64 kernel (hvmodel.boot.loader) installs itself
             try:
                 image.boot.install(self)
+            except BootError as e:
+                raise VMError(str(e)) from None
             except GuestMemoryError as e:
                 raise VMError(f"cannot load the kernel: {e}") from None
             return
@@ -404,7 +406,7 @@ class VM:
     # -- reports -----------------------------------------------------------------------
 
     def _crash_report(self, tf: TripleFault) -> str:
-        from ..report import disassemble_at
+        from .disasm import disassemble_at
         v = self.vcpu
         lines = [f"triple fault in {self.config.name} at RIP {v.rip:#x} (CPL {v.cpl()})",
                  "  events: " + " -> ".join(tf.chain),

@@ -134,7 +134,7 @@ def test_elf64_kernel_enters_in_long_mode_with_identity_tables(tmp_path):
     """A hand-made ELF64 whose code checks its entry state and reports through the debug-exit port."""
     from unicorn import x86_const as X
     from hvmodel.boot.loader import load_kernel
-    from hvmodel.host import Host, HostConfig
+    from hvmodel.host.host import Host, HostConfig
     from hvmodel.vm.vm import VMConfig
     # mov eax, [0xfffffffF80100000] via the -2 GiB map would need 64-bit addressing: read rdi's info flags
     code = bytes.fromhex("8b07" "e6f4")  # mov eax, [rdi] ; out 0xf4, al

@@ -10,7 +10,7 @@ import pytest
 
 from hvmodel.boot.loader import load_kernel
 from hvmodel.check.lockstep import check
-from hvmodel.host import Host, HostConfig
+from hvmodel.host.host import Host, HostConfig
 from hvmodel.vm.vm import VMConfig
 
 

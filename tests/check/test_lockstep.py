@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hvmodel.check.lockstep import check
-from hvmodel.guest.image import load_guest
+from hvmodel.guest.load import load_guest
 
 GUESTS = sorted((Path(__file__).resolve().parents[2] / "guests").glob("*.asm"))
 

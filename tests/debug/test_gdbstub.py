@@ -13,7 +13,7 @@ import pytest
 from hvmodel.boot.loader import load_kernel
 from hvmodel.debug.gdbstub import REGISTERS, GdbStub, target_xml
 from hvmodel.guest.asm import build
-from hvmodel.host import Host, HostConfig
+from hvmodel.host.host import Host, HostConfig
 from hvmodel.vm.vm import VMConfig
 
 

@@ -10,7 +10,8 @@ from hvmodel.devices.backdoor import (CMD_BATCHED_2M_LOCK, CMD_BATCHED_LOCK, CMD
                                       CMD_VMCI_DOORBELL_SET, MAGIC, PORT, BackdoorBalloon, Status)
 from hvmodel.devices.bus import IOBus
 from hvmodel.machine.pool import MachinePool
-from hvmodel.memory.balloon import CAP_BASIC_CMDS, CAP_BATCHED_CMDS, Balloon
+from hvmodel.devices.backdoor import CAP_BASIC_CMDS, CAP_BATCHED_CMDS
+from hvmodel.vm.balloon import Balloon
 from hvmodel.mmu.p2m import P2M, P2MState
 
 NPAGES = 1000
@@ -149,8 +150,8 @@ def test_lock_errors():
 def test_lock_beyond_the_limit_is_not_needed():
     rig = Rig().started()
     rig.balloon.target = NPAGES
-    for pfn in range(650):
-        assert rig.cmd(CMD_LOCK, pfn) == Status.SUCCESS
+    for gfn in range(650):
+        assert rig.cmd(CMD_LOCK, gfn) == Status.SUCCESS
     assert rig.cmd(CMD_LOCK, 650) == Status.PPN_NOTNEEDED  # would exceed MCTLMAX
     assert rig.balloon.size == 650 and rig.p2m.state[650] == P2MState.UNBACKED
 
@@ -172,8 +173,8 @@ def test_restart_pops_the_balloon():
     # A driver STARTs again after freeing its pages without unlocking them (a reset):
     # the host gives every page back.
     rig = Rig().started()
-    for pfn in (1, 2, 3):
-        rig.cmd(CMD_LOCK, pfn)
+    for gfn in (1, 2, 3):
+        rig.cmd(CMD_LOCK, gfn)
     rig.started()
     assert rig.balloon.size == 0
     assert all(rig.p2m.state[p] == P2MState.UNBACKED for p in (1, 2, 3))

@@ -5,7 +5,7 @@ mem_map) with the entry state of docs/GUEST-ABI.md, a UART that collects output,
 isa-debug-exit on 0xf4, an approximate PIC/PIT (IRQ 0 every divisor * 84 instructions,
 counted with emu_start(count=...)), and delivery of exceptions and interrupts through
 the guest's IDT in Python (64-bit gates, IST, TSS.RSP0 on CPL 3 -> 0 via the
-context-blob recipe of ENGINE-NOTES 4.9, old_exception cleared per ENGINE-NOTES 4.7).
+context-blob recipe of docs/ENGINE.md U24, old_exception cleared as U11 says).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from unicorn.x86_const import (
 )
 
 INSNS_PER_PIT_TICK = 84
-# context_save() blob offsets on unicorn 2.1.4 (ENGINE-NOTES 4.1, 4.7, 4.9)
+# context_save() blob offsets on unicorn 2.1.4 (docs/ENGINE.md U10, U11, U24)
 OFF_HFLAGS = 216
 OFF_CS = 248
 OFF_SS = 272

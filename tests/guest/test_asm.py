@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hvmodel.guest.asm import GuestBuildError, GuestImage, build, build_file
-from hvmodel.guest.image import load_guest
+from hvmodel.guest.load import load_guest
 
 GOOD = r"""
 start:

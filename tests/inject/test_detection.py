@@ -10,7 +10,7 @@ from hvmodel.machine.pool import PAGE_SHIFT, PAGE_SIZE
 from hvmodel.machine.swap import SwapError
 from hvmodel.memory.sharing import SharingConfig
 from hvmodel.mmu.p2m import GuestMemoryError, P2MState
-from hvmodel.runs import memory_digest
+from hvmodel.run.digest import memory_digest
 
 IDLE = build("cli; hlt")
 
@@ -104,7 +104,7 @@ def test_faults_md_documents_every_fault_and_parameter():
     from pathlib import Path
 
     from hvmodel.inject import FAULTS
-    from hvmodel.inject.faults import TRIGGER_PARAMS
+    from hvmodel.inject.registry import TRIGGER_PARAMS
     doc = (Path(__file__).resolve().parents[2] / "docs" / "FAULTS.md").read_text()
     for f in FAULTS.values():
         row = next((line for line in doc.splitlines() if line.startswith(f"| `{f.name}")), None)

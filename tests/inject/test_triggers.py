@@ -10,9 +10,9 @@ from hvmodel import Host, HostConfig, VMConfig, load_guest
 from hvmodel.cli import main
 from hvmodel.inject import InjectError, Injector, parse_fault
 from hvmodel.inject.arm import Trigger
-from hvmodel.inject.faults import make_spec
+from hvmodel.inject.registry import make_spec
 from hvmodel.machine.swap import SwapDevice
-from hvmodel.runs import execute
+from hvmodel.run.session import execute
 
 GUESTS = Path(__file__).resolve().parents[2] / "guests"
 MEMTEST = [str(GUESTS / "memtest.asm"), "--mem", "4M", "--host-mem", "2M"]

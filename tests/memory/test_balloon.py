@@ -1,5 +1,5 @@
 """Ballooning end to end: the guest driver (guests/runtime/balloon.inc, guests/balloon.asm),
-the back-door device and the host's Balloon (hvmodel/memory/balloon.py) on real guests."""
+the back-door device and the host's Balloon (hvmodel/vm/balloon.py) on real guests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from hvmodel import Host, HostConfig, VMConfig, load_guest
 from hvmodel.check.lockstep import check
 from hvmodel.guest.asm import build
 from hvmodel.machine.pool import MachinePool
-from hvmodel.memory.balloon import Balloon, BalloonStatus
+from hvmodel.devices.backdoor import BalloonStatus
+from hvmodel.vm.balloon import Balloon
 from hvmodel.mmu.p2m import P2M, P2MState
 
 GUEST = Path(__file__).resolve().parents[2] / "guests" / "balloon.asm"
@@ -107,7 +108,7 @@ def test_guest_inflates_to_the_target_and_the_host_gets_the_frames(image):
     assert all(vm.p2m.frame_of(g) < 0 for g in vm.balloon.locked)
     # The driver took pages of the page cache the guest dropped (backed): each LOCK freed
     # a frame. Net, against the same guest with target 0: 1000 frames, less the one page
-    # of the driver's pfn array that holds them.
+    # of the driver's array of guest page numbers that holds them.
     assert r0.counters["GRANT"] - c["GRANT"] == 1000 - 1
     assert host.pool.free_frames - host0.pool.free_frames == 1000 - 1
     # Each LOCK that freed a frame flushed the vCPU's TLB (no stale translation survives).

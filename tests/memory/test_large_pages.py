@@ -9,7 +9,7 @@ import pytest
 
 from hvmodel import Host, HostConfig, VMConfig
 from hvmodel.guest.asm import build
-from hvmodel.guest.image import load_guest
+from hvmodel.guest.load import load_guest
 from hvmodel.machine.pool import LARGE_FRAMES, PAGE_SHIFT, PAGE_SIZE, ZERO_FRAME, MachinePool
 from hvmodel.machine.swap import SwapDevice
 from hvmodel.memory.sharing import SharingConfig

@@ -81,8 +81,8 @@ def test_a_leaf_table_written_often_goes_out_of_sync_and_stays_correct():
 
 @pytest.mark.parametrize("guest", ["hello", "pagefault", "faults", "memtest"])
 def test_tiny_shadow_budget_evicts_and_still_passes(guest):
-    from hvmodel.guest.image import load_guest
-    from hvmodel.host import Host, HostConfig
+    from hvmodel.guest.load import load_guest
+    from hvmodel.host.host import Host, HostConfig
     from hvmodel.vm.vm import VMConfig
     image = load_guest(Path(__file__).resolve().parents[2] / "guests" / f"{guest}.asm")
     vm = Host(HostConfig(memsize=64 << 20)).power_on(

@@ -66,7 +66,7 @@ def test_paging_without_long_mode_stops_the_vm_with_a_clear_message(mmu, tmp_pat
     import struct
     from keystone import KS_ARCH_X86, KS_MODE_32, Ks
     from hvmodel.boot.multiboot import MB_HEADER_MAGIC
-    from hvmodel.guest.image import load_guest
+    from hvmodel.guest.load import load_guest
     code, _ = Ks(KS_ARCH_X86, KS_MODE_32).asm(
         "mov eax, 0x200000; mov cr3, eax; mov eax, cr0; or eax, 0x80000000; mov cr0, eax;"
         "mov ebx, 0x300000; mov eax, dword ptr [ebx]; hlt")

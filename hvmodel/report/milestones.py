@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .machine.pool import PAGE_SIZE
+from ..machine.pool import PAGE_SIZE
 
 MIB = 1 << 20
 _FIRSTS = (("balloon_target", "balloon target set"), ("ballooned", "balloon holds pages"),

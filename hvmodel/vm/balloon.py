@@ -1,8 +1,8 @@
 """Ballooning, the host side: one :class:`Balloon` per VM (ESX's ``vmmemctl`` state).
 
 A balloon driver inside the guest allocates guest pages it promises not to touch and
-reports their page numbers through the back-door (``devices/backdoor.py``, the VMware
-protocol); the host frees the machine frames behind them (``P2M.balloon``). Deflating
+reports their guest page numbers through the back-door (``devices/backdoor.py``, the VMware
+protocol, which also defines its status codes and capabilities); the host frees the machine frames behind them (``P2M.balloon``). Deflating
 is the reverse: the driver unlocks a page (``P2M.unballoon``: it reads as zero until
 the guest touches it again) and gives it back to its own allocator. The guest's own
 memory manager picks the victims: it knows which pages are free, the host does not.
@@ -31,38 +31,15 @@ still owns it and will UNLOCK it); the p2m has backed it again with a zeroed fra
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from ..devices.backdoor import HOST_CAPABILITIES, BalloonStatus
 from ..machine.pool import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from ..mmu.p2m import P2M
 
 CTL_MAX_PERCENT = 65  # Mem.CtlMaxPercent
-
-
-class BalloonStatus(IntEnum):
-    """Status codes of the VMware balloon protocol (Linux ``vmw_balloon.c`` values)."""
-
-    SUCCESS = 0
-    CMD_INVALID = 1         # unknown command, wrong magic, or a capability not granted
-    PPN_INVALID = 2         # the page number is outside guest memory
-    PPN_LOCKED = 3          # LOCK of a page already in the balloon
-    PPN_UNLOCKED = 4        # UNLOCK of a page not in the balloon
-    PPN_PINNED = 5          # the host cannot take this page (not used here)
-    PPN_NOTNEEDED = 6       # the host does not want it: LOCK would exceed MCTLMAX
-    RESET = 7               # the driver must START again (it has not started yet)
-    BUSY = 8                # not used here
-    SUCCESS_WITH_CAPABILITIES = 0x0300_0000  # START's answer; capabilities in ECX
-
-
-# Capabilities (START's argument and answer).
-CAP_BASIC_CMDS = 1 << 1         # LOCK and UNLOCK of one 4 KiB page
-CAP_BATCHED_CMDS = 1 << 2       # not offered
-CAP_BATCHED_2M_CMDS = 1 << 3    # not offered
-CAP_SIGNALLED_WAKEUP = 1 << 4   # not offered
-HOST_CAPABILITIES = CAP_BASIC_CMDS
 
 
 class Balloon:
@@ -164,32 +141,37 @@ class Balloon:
             self.p2m.unballoon(gfn)
         self.locked.clear()
 
-    def lock(self, pfn: int) -> BalloonStatus:
+    def lock(self, gfn: int) -> BalloonStatus:
         """LOCK one guest page: its machine frame goes back to the host."""
-        if pfn >= self.npages or pfn < 0:
+        if gfn >= self.npages or gfn < 0:
             status = BalloonStatus.PPN_INVALID
-        elif pfn in self.locked:
+        elif gfn in self.locked:
             status = BalloonStatus.PPN_LOCKED
         elif len(self.locked) >= self._max:
             status = BalloonStatus.PPN_NOTNEEDED  # would exceed the limit
         else:
-            self.p2m.balloon(pfn)
-            self.locked.add(pfn)
+            self.p2m.balloon(gfn)
+            self.locked.add(gfn)
             self.locks += 1
             return BalloonStatus.SUCCESS
         self.refused += 1
         return status
 
-    def unlock(self, pfn: int) -> BalloonStatus:
+    def unlock(self, gfn: int) -> BalloonStatus:
         """UNLOCK one guest page: the guest may use it again (it reads as zero)."""
-        if pfn >= self.npages or pfn < 0:
+        if gfn >= self.npages or gfn < 0:
             return BalloonStatus.PPN_INVALID
-        if pfn not in self.locked:
+        if gfn not in self.locked:
             return BalloonStatus.PPN_UNLOCKED
-        self.locked.discard(pfn)
-        self.p2m.unballoon(pfn)  # False if the guest touched it meanwhile: it stays backed
+        self.locked.discard(gfn)
+        self.p2m.unballoon(gfn)  # False if the guest touched it meanwhile: it stays backed
         self.unlocks += 1
         return BalloonStatus.SUCCESS
+
+    @property
+    def generation(self) -> int:
+        """Changes of the VM's p2m so far (a LOCK that freed a frame is one)."""
+        return self.p2m.generation
 
     # -- reports ------------------------------------------------------------------------
 
@@ -207,5 +189,4 @@ class Balloon:
         }
 
 
-__all__ = ["Balloon", "BalloonStatus", "CTL_MAX_PERCENT", "CAP_BASIC_CMDS", "CAP_BATCHED_CMDS",
-           "CAP_BATCHED_2M_CMDS", "CAP_SIGNALLED_WAKEUP", "HOST_CAPABILITIES"]
+__all__ = ["Balloon", "CTL_MAX_PERCENT"]

@@ -37,9 +37,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .memory.sharing import SharingConfig
+from ..memory.sharing import SharingConfig
 from .host import HostConfig
-from .vm.vm import MMU_MODES, VMConfig
+from ..vm.vm import MMU_MODES, VMConfig
 
 
 class ScenarioError(ValueError):
@@ -166,7 +166,7 @@ def load(path: str | Path) -> tuple[HostConfig, list[VMSpec]]:
                            maxmemctl=(parse_size(v["sched.mem.maxmemctl"], f"{where} sched.mem.maxmemctl")
                                       if "sched.mem.maxmemctl" in v else None))
             try:
-                from .memory.alloc import shares_of
+                from ..memory.alloc import shares_of
                 shares_of(cfg.shares, 1)
             except ValueError as e:
                 raise ScenarioError(f"{where}: {e}") from None

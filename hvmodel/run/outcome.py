@@ -31,10 +31,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .faults import parse_fault
+from ..inject.registry import parse_fault
 
 if TYPE_CHECKING:
-    from ..runs import RunDigest
+    from .digest import RunDigest
 
 PAGE_RE = re.compile(r"guest page 0x[0-9a-f]+")
 VMM_STOPS = frozenset({"host_failure", "guest_memory", "error"})

@@ -1,11 +1,6 @@
-"""A run as a value: the ``hvmodel run`` arguments that define it, executing it, its digest.
+"""A finished run, reduced to what comparisons need: :class:`RunDigest`.
 
-With time counted in guest instructions, a run is a function of (image, scenario, seed,
-armed faults) — all of which are in its ``hvmodel run`` arguments. So the arguments
-*are* the run: the campaign executes exactly the argument list it prints as the
-command that reproduces a run, the recording stores it, and replay runs it again.
-
-A :class:`RunDigest` is what comparisons need from a finished run: per VM the exit,
+Per VM: the exit,
 the instruction count, hashes of the console and of every byte of guest-physical memory
 (swapped and compressed pages read back through their checksums), the events the
 guest received; the faults that fired and where; a checkpoint per host round.
@@ -13,24 +8,20 @@ guest received; the faults that fired and where; a checkpoint per host round.
 
 from __future__ import annotations
 
-import shlex
-import traceback
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
 
-from .inject import Injector
-from .inject.faults import ExpectContext
-from .machine.pool import PAGE_SHIFT, PAGE_SIZE
-from .machine.swap import SwapError
-from .memory.compress import CompressionError
-from .mmu.p2m import P2MState
+from ..inject.registry import ExpectContext
+from ..machine.pool import PAGE_SHIFT, PAGE_SIZE
+from ..machine.swap import SwapError
+from ..mmu.p2m import CompressionError, P2MState
+from .spec import command
 
 if TYPE_CHECKING:
-    from .host import Host
-    from .vm.vm import VM, VMResult
+    from ..vm.vm import VM, VMResult
 
 _CHUNK = 256   # pages hashed per numpy gather
 
@@ -93,11 +84,6 @@ class RunDigest:
         return cls(**d)
 
 
-def command(argv: list[str]) -> str:
-    """The shell command that runs ``argv`` (arguments of ``hvmodel run``)."""
-    return "hvmodel run " + shlex.join(argv)
-
-
 # -- digests ----------------------------------------------------------------------------------
 
 def memory_digest(vm: "VM") -> tuple[str, list[str]]:
@@ -157,80 +143,5 @@ def digest_vm(vm: "VM", result: "VMResult | None" = None, memory: tuple[str, lis
 
 # -- a run --------------------------------------------------------------------------------------
 
-class Session:
-    """A built host, armed with the run's faults, recording checkpoints and early digests.
 
-    ``hvmodel run`` and :func:`execute` both use it::
-
-        s = Session(host, faults, seed, argv)
-        results = host.run(max_insns, on_round=s.on_round)
-        digest = s.finish(results)
-    """
-
-    def __init__(self, host: "Host", faults: list, seed: int, argv: list[str], *, dry: bool = False) -> None:
-        self.host = host
-        self.argv = list(argv)
-        self.dry = dry
-        self.injector = Injector(faults, seed, dry=dry).attach(host) if faults else None
-        self.checkpoints: list = []
-        self._early: dict[int, tuple[str, list[str]]] = {}
-        self._round = 0
-        # A VM that stops while others run gives its memory back: digest it first.
-        host.before_power_off.append(lambda vm: self._early.setdefault(vm.id, memory_digest(vm)))
-
-    def on_round(self, host: "Host") -> None:
-        """Host.run's per-round callback: one checkpoint (guest instructions and RIP per VM)."""
-        self._round += 1
-        self.checkpoints.append([self._round, [[vm.config.name, vm.vcpu.insns, vm.vcpu.rip]
-                                               for vm in host.vms]])
-
-    def finish(self, results: list["VMResult"] | None, error: str | None = None) -> RunDigest:
-        """Disarm and digest every VM (call before ``host.close()``)."""
-        fired = [f.as_dict() for f in self.injector.log] if self.injector is not None else []
-        if self.injector is not None:
-            self.injector.detach()
-        vms = []
-        for i, vm in enumerate(self.host.vms):
-            r = results[i] if results is not None else None
-            if r is None and vm.id in self.host.final:
-                r = self.host.final[vm.id]
-            vms.append(digest_vm(vm, r, self._early.get(vm.id)))
-        return RunDigest(argv=self.argv, vms=vms, fired=fired, checkpoints=self.checkpoints,
-                         error=error, dry=self.dry)
-
-
-def execute(argv: list[str], *, dry: bool = False, images: dict | None = None,
-            on_round: Callable | None = None) -> RunDigest:
-    """Run ``hvmodel run ARGV`` in this process (no console output) and digest it.
-
-    ``dry`` arms the faults' triggers without injecting (the reference run). A bad
-    argument raises :class:`hvmodel.cli.CliError`; an exception escaping the VMM is
-    caught and kept, with its traceback, in ``RunDigest.error`` (a crash is an outcome).
-    """
-    from . import cli
-    args = cli.parse_run_args(argv)
-    host = cli._build_host(args, echo=False, images=images)
-    try:
-        try:
-            session = Session(host, args.fault or [], cli.run_seed(args, host), argv, dry=dry)
-        except Exception as e:
-            raise cli.CliError(str(e), cli.EXIT_USAGE) from None
-
-        def rounds(h: "Host") -> None:
-            session.on_round(h)
-            if on_round is not None:
-                on_round(h)
-        results, error = None, None
-        try:
-            results = host.run(args.max_insns, on_round=rounds)
-        except Exception:
-            error = traceback.format_exc()
-        try:
-            return session.finish(results, error)
-        except Exception:
-            return RunDigest(argv=list(argv), error=(error or "") + traceback.format_exc(), dry=dry)
-    finally:
-        host.close()
-
-
-__all__ = ["RunDigest", "Session", "VMDigest", "command", "digest_vm", "execute", "memory_digest"]
+__all__ = ["RunDigest", "VMDigest", "digest_vm", "memory_digest"]

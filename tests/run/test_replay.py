@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hvmodel.cli import main
-from hvmodel.replay import ReplayError, replay
+from hvmodel.run.replay import ReplayError, replay
 
 GUESTS = Path(__file__).resolve().parents[2] / "guests"
 HOG = [str(GUESTS / "hog.asm"), "--mem", "4M", "--host-mem", "2M", "--quiet"]

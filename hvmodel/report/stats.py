@@ -7,23 +7,24 @@ included); ZERO shared with the zero frame; SHRDSVD memory saved by sharing;
 COWH hint pages (hashed, unshared); SWCUR swapped now; SWTGT what the host would
 have to swap from the VM for every VM to fit its memsize-proportional share;
 SWR/s SWW/s swap-in and swap-out rate in MB per guest second; OVHD the VMM's
-overhead (nested tables or shadow pages). Header: PMEM, and PSHARE
-shared / common / saving.
+overhead (nested tables or shadow pages, and the compression cache); CACHESZ the
+compression cache's size and CACHEUSD what its compressed pages use of it. Header:
+PMEM, and PSHARE shared / common / saving.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .host import NS_PER_INSN
-from .machine.pool import PAGE_SIZE
+from ..host.host import NS_PER_INSN
+from ..machine.pool import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from .host import Host
+    from ..host.host import Host
 
 MB = 1 << 20
 COLUMNS = ("NAME", "MEMSZ", "GRANT", "CNSM", "SHRD", "ZERO", "SHRDSVD", "COWH", "SWCUR", "SWTGT",
-           "SWR/s", "SWW/s", "OVHD", "STATE")
+           "SWR/s", "SWW/s", "OVHD", "CACHESZ", "CACHEUSD", "STATE")
 
 
 def _mb(pages: float) -> float:
@@ -57,6 +58,8 @@ def rows(host: "Host") -> list[dict[str, object]]:
             "SWR/s": _mb(c["SWR"]) / secs,
             "SWW/s": _mb(c["SWW"]) / secs,
             "OVHD": _mb(c["OVHD"]),
+            "CACHESZ": _mb(c.get("CACHESZ", 0)),
+            "CACHEUSD": _mb(c.get("CACHEUSD", 0)),
             "STATE": vm.stop_reason or "running",
         })
     return out

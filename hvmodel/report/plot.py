@@ -13,7 +13,7 @@ import html
 import io
 from pathlib import Path
 
-from .machine.pool import PAGE_SIZE
+from ..machine.pool import PAGE_SIZE
 
 MB = 1 << 20
 SERIES = (("consumed", "#4c78a8"), ("shared", "#72b7b2"), ("ballooned", "#f58518"),

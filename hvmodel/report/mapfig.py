@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from html import escape
 
-from .machine.pool import PAGE_SHIFT, ZERO_FRAME
-from .mmu.p2m import P2MState
-from .mmu.walk import ADDR_MASK, PTE_P, PTE_PS
+from ..machine.pool import PAGE_SHIFT, ZERO_FRAME
+from ..mmu.p2m import P2MState
+from ..mmu.walk import ADDR_MASK, PTE_P, PTE_PS
 
 KINDS = ("shared", "zero", "compressed", "swapped", "ballooned", "private")
 COLORS = {"shared": "#72b7b2", "zero": "#bab0ac", "compressed": "#e45756", "swapped": "#54a24b",
@@ -31,7 +31,7 @@ def guest_mappings(vm, limit: int = 1 << 16) -> dict[int, int]:
     """gfn → one guest-virtual address mapping it, from the vCPU's current CR3 (no side effects)."""
     from unicorn import x86_const as X
 
-    from .vm.vcpu import PeekMemory
+    from ..vm.vcpu import PeekMemory
     v = vm.vcpu
     if not v.reg(X.UC_X86_REG_CR0) & (1 << 31):
         return {}

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 if TYPE_CHECKING:
-    from .vm.vcpu import VCpu
+    from .vcpu import VCpu
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_64)
 
 
 def disassemble_at(vcpu: "VCpu", va: int, count: int = 1) -> str:
     """Disassemble guest code at a virtual address without side effects."""
-    from .vm.vcpu import GuestAccessFault
+    from .vcpu import GuestAccessFault
     try:
         code = vcpu.vmem_read(va, 16 * count, peek=True)
     except GuestAccessFault as f:

@@ -1,7 +1,8 @@
 """Record a run and replay it to the same instruction count and state.
 
 A run is a function of (image, scenario, seed, armed faults), all named by its
-``hvmodel run`` arguments (hvmodel/runs.py). ``hvmodel run ... --record FILE`` writes:
+``hvmodel run`` arguments (hvmodel/run/spec.py). ``hvmodel run ... --record FILE`` writes
+(hvmodel/run/recording.py):
 
 * the arguments and the folder they were given in;
 * the guest images the run used (the assembled bytes, so an edited source does not
@@ -21,19 +22,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .guest.asm import GuestImage
-from .runs import RunDigest, execute
-
-FORMAT = "hvmodel-recording/1"
-
-
-class ReplayError(ValueError):
-    """A recording that cannot be replayed (missing, malformed, inputs changed)."""
+from ..guest.image import GuestImage
+from .digest import RunDigest
+from .recording import ReplayError, sha256_file, load
+from .session import execute
+from .spec import RunSpec
 
 
 @dataclass
@@ -43,46 +40,6 @@ class ReplayResult:
     ok: bool
     lines: list[str] = field(default_factory=list)
     digest: RunDigest | None = None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write(path: str | Path, digest: RunDigest, images: dict) -> None:
-    """Write a recording of the run ``digest`` describes, with the ``images`` it used."""
-    from . import cli
-    args = cli.parse_run_args(digest.argv)
-    scenario = None
-    target = Path(args.guest)
-    if target.suffix == ".toml":
-        scenario = {"path": str(target.resolve()), "sha256": _sha256(target)}
-    data = {
-        "format": FORMAT,
-        "argv": digest.argv,
-        "cwd": str(Path.cwd()),
-        "scenario": scenario,
-        "images": {str(k): {"code": base64.b64encode(zlib.compress(im.code)).decode(),
-                            "load_addr": im.load_addr, "entry": im.entry, "source_name": im.source_name,
-                            "sha256": hashlib.sha256(im.code).hexdigest()}
-                   for k, im in images.items()},
-        "run": digest.as_dict(),
-    }
-    Path(path).write_text(json.dumps(data, indent=1))
-
-
-def load(path: str | Path) -> dict:
-    """Read a recording; ReplayError if it is not one."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except OSError as e:
-        raise ReplayError(f"recording {p}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ReplayError(f"recording {p}: not JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ReplayError(f"recording {p}: not an hvmodel recording (format {FORMAT})")
-    return data
 
 
 def replay(path: str | Path) -> ReplayResult:
@@ -104,16 +61,15 @@ def replay(path: str | Path) -> ReplayResult:
             raise
         raise ReplayError(f"recording {path}: malformed: {e}") from None
     # The arguments were given relative to the recording's folder: make the target absolute.
-    from . import cli
-    args = cli.parse_run_args(argv)
-    target = _abs(cwd, args.guest)
-    argv = [str(target) if a == args.guest else a for a in argv]
+    given = RunSpec.from_argv(argv).target
+    target = _abs(cwd, given)
+    argv = [str(target) if a == given else a for a in argv]
     sc = data.get("scenario")
     if sc is not None:
         sp = Path(sc["path"])
         if not sp.exists():
             raise ReplayError(f"recording {path}: scenario {sp} is missing")
-        if _sha256(sp) != sc["sha256"]:
+        if sha256_file(sp) != sc["sha256"]:
             raise ReplayError(f"recording {path}: scenario {sp} changed since the recording")
     got = execute(argv, images=images)
     got.argv = want.argv
@@ -156,4 +112,4 @@ def compare(want: RunDigest, got: RunDigest) -> list[str]:
     return out
 
 
-__all__ = ["FORMAT", "ReplayError", "ReplayResult", "compare", "load", "replay", "write"]
+__all__ = ["ReplayError", "ReplayResult", "compare", "replay"]

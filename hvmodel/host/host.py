@@ -1,7 +1,7 @@
 """The host: owns the machine pool and the VMs, admits them, schedules them, manages memory.
 
-This is the top of the dependency chain below the CLI (cli → host → vm → mmu →
-p2m → machine). The host runs its VMs' vCPUs round-robin in instruction slices
+It sits below the run layer and above the memory policies and the VMs
+(docs/ARCHITECTURE.md, "Layers"). The host runs its VMs' vCPUs round-robin in instruction slices
 (``quantum``) and between slices runs the memory policy:
 
 * **page sharing** at the configured rate (``Mem.ShareScanTime``,
@@ -28,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .guest.image import GuestImage
-from .machine.pool import PAGE_SIZE, ZERO_FRAME, MachinePool
-from .machine.swap import SwapDevice, SwapError
-from .memory.alloc import ActivitySampler, Claim, shares_of, targets
-from .memory.compress import CompressionCache
-from .memory.sharing import PageSharing, SharingConfig
-from .memory.states import MemoryStates, min_free
-from .memory.swap import HypervisorSwap
-from .mmu.p2m import P2M, GuestMemoryError, P2MState
-from .vm.exits import ExitReason, VmExit
-from .vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
+from ..guest.image import GuestImage
+from ..machine.pool import PAGE_SIZE, ZERO_FRAME, MachinePool
+from ..machine.swap import SwapDevice, SwapError
+from ..memory.alloc import ActivitySampler, Claim, shares_of, targets
+from ..memory.compress import CompressionCache
+from ..memory.sharing import PageSharing, SharingConfig
+from ..memory.states import MemoryStates, min_free
+from ..memory.swap import HypervisorSwap
+from ..mmu.p2m import P2M, GuestMemoryError, P2MState
+from ..vm.exits import ExitReason, VmExit
+from ..vm.vm import DEFAULT_MAX_INSNS, MIB, VM, VMConfig, VMError, VMResult
 
 DEFAULT_HOST_MEM = 256 * MIB
 DEFAULT_QUANTUM = 200_000          # instructions per VM per round-robin turn
@@ -301,7 +301,7 @@ class Host:
         """Balloon targets: inflate in ``soft`` toward each VM's target, stop in ``hard``/``low``
         (hold), deflate when memory is plentiful (``high``)."""
         for v in self.vms:
-            b = getattr(v, "balloon", None)
+            b = v.balloon
             if b is None or v.stopped:
                 continue
             if state == "soft":
@@ -400,7 +400,7 @@ class Host:
             if v.p2m is None:
                 continue
             p = v.p2m
-            b = getattr(v, "balloon", None)
+            b = v.balloon
             point["vms"][v.config.name] = {
                 "consumed": int(np.count_nonzero(p.state == P2MState.PRIVATE)),
                 "shared": p.count(P2MState.SHARED),

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from hvmodel.campaign import CampaignError, CampaignReport, RunOutcome, load_spec, run_campaign
+from hvmodel.run.campaign import CampaignError, CampaignReport, RunOutcome, load_spec, run_campaign
 from hvmodel.cli import main
-from hvmodel.inject.outcome import Outcome
+from hvmodel.run.outcome import Outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "campaigns" / "smoke.toml"

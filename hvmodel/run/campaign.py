@@ -15,9 +15,9 @@ A campaign file (TOML)::
     fault = "swap-read-error:nth=1" # --fault syntax (docs/FAULTS.md)
     targets = ["hog"]               # default: every target
 
-Every run is ``hvmodel run TARGET ARGS --seed S --fault F`` (hvmodel/runs.py), judged
+Every run is ``hvmodel run TARGET ARGS --seed S --fault F`` (hvmodel/run/spec.py), judged
 against its reference: the same arguments with the fault's triggers armed dry
-(hvmodel/inject/outcome.py). References are shared by runs whose slices end at the same
+(hvmodel/run/outcome.py). References are shared by runs whose slices end at the same
 points. Runs go to a local process pool (one worker per CPU by default) or, with
 ``cluster=ADDRESS``, to an existing Dask cluster (``pip install 'hvmodel[cluster]'``;
 workers need hvmodel and the same paths). The report counts outcomes per fault and gives,
@@ -34,9 +34,13 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from .inject import InjectError, parse_fault
-from .inject.outcome import Outcome, classify
-from .runs import RunDigest, command, execute
+from ..host import scenario
+from ..inject import InjectError, parse_fault
+from .digest import RunDigest
+from .errors import RunError
+from .outcome import Outcome, classify
+from .session import execute
+from .spec import RunSpec, command
 
 COLUMNS = ("recovered", "detected", "visible", "not-fired")
 
@@ -103,7 +107,6 @@ def _rel(p: Path) -> str:
 
 def load_spec(path: str | Path) -> CampaignSpec:
     """Read and check a campaign file (CampaignError says what is wrong)."""
-    from . import cli, scenario
     p = Path(path)
     data = scenario.read_toml(p, "campaign", CampaignError)
     bad = set(data) - {"seeds", "max_insns", "workers", "target", "fault"}
@@ -124,8 +127,8 @@ def load_spec(path: str | Path) -> CampaignSpec:
             raise CampaignError(f"{where}: {src} does not exist")
         args = [str(a) for a in t.get("args", [])]
         try:
-            parsed = cli.parse_run_args([str(src), *args])
-        except cli.CliError as e:
+            parsed = RunSpec.from_argv([str(src), *args])
+        except RunError as e:
             raise CampaignError(f"{where}: {e}") from None
         if "scenario" in t:
             try:
@@ -170,10 +173,9 @@ def load_spec(path: str | Path) -> CampaignSpec:
 
 def run_task(task: dict) -> dict:
     """One run in a worker: ``{"argv": [...], "dry": bool}`` → its RunDigest as a dict."""
-    from .cli import CliError
     try:
         return execute(task["argv"], dry=task["dry"]).as_dict()
-    except CliError as e:
+    except RunError as e:
         return RunDigest(argv=task["argv"], error=f"bad run: {e}", dry=task["dry"]).as_dict()
 
 

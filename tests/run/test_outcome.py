@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from hvmodel.inject.outcome import classify
-from hvmodel.runs import RunDigest, VMDigest
+from hvmodel.run.outcome import classify
+from hvmodel.run.digest import RunDigest, VMDigest
 
 FIRED = [{"fault": "swap-read-error", "index": 0, "vm": "g", "insns": 10, "detail": "raised", "dry": False}]
 
