@@ -9,8 +9,9 @@ from a non-canonical address and a bad selector load (#GP), a load from an unmap
 page and a store to a read-only one (#PF), or it spins with IF = 1 until the local
 APIC's timer (any vector 16-255) or the PIT through the 8259A (vector bases 0x08-0xf8)
 interrupts it. One stub per vector tells the common handler which gate ran; the
-handler records, before it touches any stack, RSP, CS, SS, the six words at RSP and
-CR2, which stacks lost their poison, then RFLAGS, and goes on with the next case.
+handler records RSP, CS, SS, the six words at RSP and CR2 with moves only, RFLAGS
+on its own stack, then which of the ten stacks lost their poison, and goes on with the
+next case.
 
 The host compares every record with :func:`hvmodel.check.delivery_oracle.deliver` in
 every mode — ``native`` included: there, as in ``nested`` and ``shadow``, the VMM's
@@ -273,8 +274,8 @@ all_done:
 {_stubs()}
 
 common:
-  // r8 = the vector whose gate ran. Nothing touches a stack before the poison check
-  // but pushfq, below the frame, on the stack the frame is on.
+  // r8 = the vector whose gate ran. Only moves (no flags changed, no stack touched)
+  // until RFLAGS is read on the kernel's own stack, which is not one of the ten.
   mov r9, rsp
   lea rax, [r8 + 0x10000]
   mov qword ptr [r14], rax
@@ -297,6 +298,8 @@ common:
   mov qword ptr [r14+80], rax
   mov rax, cr2
   mov qword ptr [r14+88], rax
+  lea rdi, [rip + kstack]
+  mov rsp, qword ptr [rdi]
   pushfq
   pop rax
   mov qword ptr [r14+32], rax
@@ -324,8 +327,6 @@ check_clean:
   cmp r11, 10
   jb check_loop
   mov qword ptr [r14+96], r10
-  lea rdi, [rip + kstack]
-  mov rsp, qword ptr [rdi]
   // the default gate back
   movzx eax, byte ptr [rsi]
   shl rax, 4
@@ -636,10 +637,10 @@ def differs(case: Case, exp: d.Delivery, got: Record) -> list[str]:
     want_cr2 = exp.cr2 if exp.cr2 is not None else case.cr2
     if got.cr2 != want_cr2:
         out.append(f"CR2 {got.cr2:#x} expected {want_cr2:#x}")
-    want_touched = 1 << _stack_bit(exp.stack, case.cpl)
-    if got.touched != want_touched:
-        names_t = [STACK_NAMES[i] for i in range(10) if got.touched >> i & 1]
-        out.append(f"stacks written: {', '.join(names_t) or 'none'}, expected {STACK_NAMES[_stack_bit(exp.stack, case.cpl)]}")
+    stack = _stack_bit(exp.stack, case.cpl)
+    if got.touched != 1 << stack:
+        written = [STACK_NAMES[i] for i in range(10) if got.touched >> i & 1]
+        out.append(f"stacks written: {', '.join(written) or 'none'}, expected {STACK_NAMES[stack]}")
     return out
 
 

@@ -1,22 +1,29 @@
 """Event delivery through the guest IDT: what the CPU does on an exception or interrupt.
 
 Unicorn never delivers an event itself (docs/ENGINE.md U10), so the VMM does it the
-way the hardware would in 64-bit mode (Intel SDM vol. 3 §6.14):
+way the hardware would in 64-bit mode (Intel SDM vol. 3 §6.12-6.15) — in every MMU mode,
+the reference (``native``) included; ``check/delivery_matrix.py`` checks it against an
+independent oracle (``check/delivery_oracle.py``) for that reason:
 
 1. read the 16-byte gate from the IDT (a supervisor, implicit access);
 2. check it: an interrupt (0xE) or trap (0xF) gate, present, and for a software
-   ``int N`` a DPL that allows the current CPL;
-3. pick the stack: TSS.RSPn when the privilege changes, TSS.ISTn when the gate
-   names an IST, else the current one; align it to 16 bytes;
-4. push SS, RSP, RFLAGS, CS, RIP and the error code, setting A/D bits on the way;
+   ``int N``/``int3`` a DPL that allows the current CPL; a fault here names the IDT
+   entry (``vector * 8 + 2``) with EXT set unless the event was a software interrupt;
+3. pick the stack: TSS.ISTn when the gate names an IST, else TSS.RSPn when the
+   privilege changes, else the current one; align it to 16 bytes;
+4. push SS, RSP, RFLAGS (RF set for a fault-class exception, §17.3.1.1), CS, RIP and
+   the error code (exceptions only, never ``int N``), setting A/D bits on the way;
 5. load CS (and a NULL SS on a privilege change) — through the CPU-state blob,
    since Unicorn cannot change the CPL otherwise — and clear QEMU's remembered
    exception so the next fault is not taken for a double fault (docs/ENGINE.md U11);
 6. RIP = handler; RFLAGS loses TF, NT, RF, and IF for interrupt gates.
 
-A fault while delivering is handled as the SDM's double-fault table says: it
-becomes #DF where the two are contributory (or involve #PF), else it is delivered
-instead; a fault while delivering #DF is a triple fault and stops the VM.
+A fault while delivering is a fault of the instruction (for ``int N`` the int itself,
+whose start RIP no longer shows). Delivering an exception, it becomes #DF where the two
+are contributory (or involve #PF) as the SDM's double-fault table says, else it is
+delivered instead; delivering a software or external interrupt it is simply delivered,
+whatever the vector's number. A fault while delivering #DF is a triple fault and stops
+the VM.
 """
 
 from __future__ import annotations
