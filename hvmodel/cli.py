@@ -81,8 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("guest", nargs="?", help="guest image (.asm or flat binary); omit with --matrix")
     chk.add_argument("--matrix", action="store_true",
                      help="run the access matrix (kvm-unit-tests access.c style) instead of a guest")
+    chk.add_argument("--delivery", action="store_true",
+                     help="run the delivery matrix (events through the IDT, against the SDM oracle) instead")
     chk.add_argument("--sample", type=positive_int, default=1,
-                     help="with --matrix: run every Kth legal combination (default 1: all)")
+                     help="with --matrix or --delivery: run one in K combinations (default 1: all)")
     chk.add_argument("--mmu", type=mode_list, default=list(VMM_MODES),
                      help=f"comma-separated VMM modes to check against the reference "
                           f"(default {','.join(VMM_MODES)})")
@@ -283,6 +285,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.delivery:
+        if args.guest or args.matrix:
+            raise RunError("check: --delivery takes no guest and no --matrix", EXIT_USAGE)
+        from .check.delivery_matrix import run_matrix as run_delivery
+        res = run_delivery(args.mmu, sample=args.sample)
+        print("\n".join(res.lines()))
+        return 0 if res.ok else 1
     if args.matrix:
         if args.guest:
             raise RunError("check: give either a guest or --matrix, not both", EXIT_USAGE)

@@ -33,6 +33,7 @@ SEG_SIZE = 24
 SEG_ES, SEG_CS, SEG_SS, SEG_DS, SEG_FS, SEG_GS = range(6)
 OFF_ERROR_CODE = 5424         # i32: the error code QEMU computed for the last exception
 OFF_EXC_IS_INT = 5428         # i32: 1 when the last event was a software `int N`
+OFF_EXC_NEXT_EIP = 5432       # u64: the RIP after the instruction that raised it
 OFF_OLD_EXCEPTION = 5536      # i32: last contributory exception, -1 = none
 
 HF_CPL_MASK = 3
@@ -86,6 +87,12 @@ class CpuStateEditor:
         blob = self._load()
         err, is_int = struct.unpack_from("<ii", blob, OFF_ERROR_CODE)
         return err & 0xFFFFFFFF, bool(is_int)
+
+    def exception_next_rip(self) -> int:
+        """The RIP after the instruction that raised the last exception (QEMU's
+        ``exception_next_eip``): Unicorn reports ``int 6`` as an invalid instruction with
+        RIP still on the int, and this is where the int ends."""
+        return struct.unpack_from("<Q", self._load(), OFF_EXC_NEXT_EIP)[0]
 
     def edit(self, *, cpl: int | None = None, cs: SegmentCache | None = None,
              ss: SegmentCache | None = None, clear_old_exception: bool = True) -> None:
@@ -156,8 +163,10 @@ def verify_offsets() -> dict[str, int]:
         events.clear()
         uc.emu_start(at["int"], 0, count=10)
         err, is_int = ed.exception_info()
-        if events != [0x80] or not is_int or uc.reg_read(X.UC_X86_REG_RIP) != at["int"] + 2:
-            raise EngineMismatch(f"int probe: events {events}, is_int {is_int}")
+        if events != [0x80] or not is_int or uc.reg_read(X.UC_X86_REG_RIP) != at["int"] + 2 \
+                or ed.exception_next_rip() != at["int"] + 2:
+            raise EngineMismatch(f"int probe: events {events}, is_int {is_int}, "
+                                 f"next RIP {ed.exception_next_rip():#x}")
         # iretq to ring 3: frame RIP, CS, RFLAGS, RSP, SS
         frame = struct.pack("<QQQQQ", at["user"], 0x23, 0x2, 0x7000, 0x1B)
         uc.mem_write(0x7F00, frame)

@@ -1,22 +1,29 @@
 """Event delivery through the guest IDT: what the CPU does on an exception or interrupt.
 
 Unicorn never delivers an event itself (docs/ENGINE.md U10), so the VMM does it the
-way the hardware would in 64-bit mode (Intel SDM vol. 3 §6.14):
+way the hardware would in 64-bit mode (Intel SDM vol. 3 §6.12-6.15) — in every MMU mode,
+the reference (``native``) included; ``check/delivery_matrix.py`` checks it against an
+independent oracle (``check/delivery_oracle.py``) for that reason:
 
 1. read the 16-byte gate from the IDT (a supervisor, implicit access);
 2. check it: an interrupt (0xE) or trap (0xF) gate, present, and for a software
-   ``int N`` a DPL that allows the current CPL;
-3. pick the stack: TSS.RSPn when the privilege changes, TSS.ISTn when the gate
-   names an IST, else the current one; align it to 16 bytes;
-4. push SS, RSP, RFLAGS, CS, RIP and the error code, setting A/D bits on the way;
+   ``int N``/``int3`` a DPL that allows the current CPL; a fault here names the IDT
+   entry (``vector * 8 + 2``) with EXT set unless the event was a software interrupt;
+3. pick the stack: TSS.ISTn when the gate names an IST, else TSS.RSPn when the
+   privilege changes, else the current one; align it to 16 bytes;
+4. push SS, RSP, RFLAGS (RF set for a fault-class exception, §17.3.1.1), CS, RIP and
+   the error code (exceptions only, never ``int N``), setting A/D bits on the way;
 5. load CS (and a NULL SS on a privilege change) — through the CPU-state blob,
    since Unicorn cannot change the CPL otherwise — and clear QEMU's remembered
    exception so the next fault is not taken for a double fault (docs/ENGINE.md U11);
 6. RIP = handler; RFLAGS loses TF, NT, RF, and IF for interrupt gates.
 
-A fault while delivering is handled as the SDM's double-fault table says: it
-becomes #DF where the two are contributory (or involve #PF), else it is delivered
-instead; a fault while delivering #DF is a triple fault and stops the VM.
+A fault while delivering is a fault of the instruction (for ``int N`` the int itself,
+whose start RIP no longer shows). Delivering an exception, it becomes #DF where the two
+are contributory (or involve #PF) as the SDM's double-fault table says, else it is
+delivered instead; delivering a software or external interrupt it is simply delivered,
+whatever the vector's number. A fault while delivering #DF is a triple fault and stops
+the VM.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from dataclasses import dataclass, field
 
 from unicorn import x86_const as X
 
-from ..mmu.walk import ACC_READ, FAULT_GP
+from ..mmu.walk import ACC_FETCH, ACC_READ, FAULT_GP
 from .cpustate import SegmentCache, descriptor_cache
-from .exits import (CONTRIBUTORY, DF, GP, NP, PF, TS, VECTORS_WITH_ERROR_CODE, vector_name)
+from .exits import (BP, CONTRIBUTORY, DF, FAULT_VECTORS, GP, NP, PF, TS, VECTORS_WITH_ERROR_CODE,
+                    vector_name)
 from .vcpu import GuestAccessFault, VCpu
 
 RFLAGS_TF = 1 << 8
@@ -82,34 +90,64 @@ class EventInjector:
 
     def deliver(self, vector: int, error_code: int | None = None, *, cr2: int | None = None,
                 soft: bool = False, external: bool = False) -> None:
-        """Deliver one event; raise TripleFault if that proves impossible."""
+        """Deliver one event; raise TripleFault if that proves impossible.
+
+        ``soft``: ``int N``/``int3`` (RIP is already past the instruction); ``external``:
+        an interrupt from the PIC or APIC; otherwise a hardware exception.
+        """
         chain = [self._describe(vector, error_code, cr2)]
         rip = self.vcpu.rip if self.keep_log else 0
+        first = vector
+        fault_rip = None   # set once a fault raised while delivering replaces the event
         while True:
-            if soft or external or vector not in VECTORS_WITH_ERROR_CODE:
+            exception = not (soft or external)
+            if not exception or vector not in VECTORS_WITH_ERROR_CODE:
                 error_code = None
             elif error_code is None:
                 error_code = 0
             try:
                 if vector == PF and cr2 is not None:
                     self.vcpu.set_reg(X.UC_X86_REG_CR2, cr2)
-                self._deliver_once(vector, error_code, soft, external)
+                self._deliver_once(vector, error_code, soft, external, fault_rip)
                 self.delivered[vector] = self.delivered.get(vector, 0) + 1
                 if self.keep_log:
                     self.log.append((vector, error_code, cr2, rip))
                 return
             except DeliveryFault as f:
                 chain.append(self._describe(f.vector, f.error_code, f.cr2))
-                if vector == DF:
+                # Only an exception can make a double fault (SDM table 6-5): a fault while
+                # delivering `int N` or an external interrupt is delivered as it is, whatever
+                # the vector's number.
+                if exception and vector == DF:
                     raise TripleFault(chain) from None
-                if _is_double(vector, f.vector):
+                if exception and _is_double(vector, f.vector):
                     vector, error_code, cr2 = DF, 0, None
                     chain.append(self._describe(DF, 0, None))
                     if f.vector == PF:
                         self.vcpu.set_reg(X.UC_X86_REG_CR2, f.cr2)
                 else:
                     vector, error_code, cr2 = f.vector, f.error_code, f.cr2
+                if fault_rip is None:
+                    # A fault reports the instruction that caused it: for `int N` that is
+                    # the int itself, not the next instruction RIP already points to.
+                    fault_rip = self._soft_start(first) if soft else self.vcpu.rip
                 soft = external = False
+
+    def _soft_start(self, vector: int) -> int:
+        """The address of the `int3` (CC) or `int N` (CD ib) that raised ``vector``.
+
+        Unicorn reports a software interrupt with RIP past it and keeps no record of
+        where it began; the only one-byte form is int3, vector 3 (a prefixed `int N` is
+        taken as two bytes).
+        """
+        rip = self.vcpu.rip
+        if vector == BP:
+            try:
+                if self.vcpu.vmem_read(rip - 1, 1, ACC_FETCH, peek=True) == b"\xcc":
+                    return rip - 1
+            except GuestAccessFault:
+                pass
+        return rip - 2
 
     @staticmethod
     def _describe(vector: int, error_code: int | None, cr2: int | None) -> str:
@@ -150,9 +188,12 @@ class EventInjector:
             return DeliveryFault(GP, 0)
         return DeliveryFault(PF, f.fault, f.va)
 
-    def _deliver_once(self, vector: int, error_code: int | None, soft: bool, external: bool) -> None:
+    def _deliver_once(self, vector: int, error_code: int | None, soft: bool, external: bool,
+                      fault_rip: int | None) -> None:
         vcpu = self.vcpu
-        ext = 1 if external else 0
+        # EXT (bit 0 of the error code of a fault raised here): the event came from outside
+        # the program — an external interrupt or an exception, anything but `int N`/`int3`.
+        ext = 0 if soft else 1
         idt_err = vector * 8 + 2 + ext
         _, idt_base, idt_limit, _ = vcpu.table_reg(X.UC_X86_REG_IDTR)
         if vector * 16 + 15 > idt_limit:
@@ -201,7 +242,10 @@ class EventInjector:
         new_rsp &= ~0xF
         rflags = vcpu.reg(X.UC_X86_REG_RFLAGS)
         old_cs = vcpu.reg(X.UC_X86_REG_CS)
-        frame = [vcpu.rip, old_cs, rflags, rsp, old_ss]
+        pushed_flags = rflags
+        if not (soft or external) and vector in FAULT_VECTORS:
+            pushed_flags |= RFLAGS_RF  # SDM §17.3.1.1: a fault pushes RF = 1
+        frame = [vcpu.rip if fault_rip is None else fault_rip, old_cs, pushed_flags, rsp, old_ss]
         if error_code is not None:
             frame.insert(0, error_code)
         new_rsp -= 8 * len(frame)

@@ -30,13 +30,16 @@ class VmExit:
 
 
 # Exception vectors (Intel SDM vol. 3 table 6-1).
-DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS, GP, PF, MF, AC, MC, XM = (
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19)
-VECTORS_WITH_ERROR_CODE = frozenset({DF, TS, NP, SS, GP, PF, AC})
-CONTRIBUTORY = frozenset({DE, TS, NP, SS, GP})
+DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS, GP, PF, MF, AC, MC, XM, VE, CP = (
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21)
+VECTORS_WITH_ERROR_CODE = frozenset({DF, TS, NP, SS, GP, PF, AC, CP})
+CONTRIBUTORY = frozenset({DE, TS, NP, SS, GP, CP})
+# Fault-class exceptions (their frame has the faulting RIP and RF = 1); #DB may be a
+# fault or a trap and never sets RF.
+FAULT_VECTORS = frozenset({DE, BR, UD, NM, TS, NP, SS, GP, PF, MF, AC, XM, VE, CP})
 VECTOR_NAMES = {DE: "#DE", DB: "#DB", NMI: "NMI", BP: "#BP", OF: "#OF", BR: "#BR", UD: "#UD",
                 NM: "#NM", DF: "#DF", TS: "#TS", NP: "#NP", SS: "#SS", GP: "#GP", PF: "#PF",
-                MF: "#MF", AC: "#AC", MC: "#MC", XM: "#XM"}
+                MF: "#MF", AC: "#AC", MC: "#MC", XM: "#XM", VE: "#VE", CP: "#CP"}
 
 
 def vector_name(v: int) -> str:

@@ -265,19 +265,24 @@ class VCpu:
     # -- other hooks ----------------------------------------------------------------------
 
     def _on_intr(self, uc: Uc, intno: int, _ud: object) -> None:
-        if self.native and intno == PF:
+        err, soft = self.state.exception_info()
+        if self.native and intno == PF and not soft:
             # The reference MMU raised the #PF itself; CR2 is already set by QEMU.
-            err, _ = self.state.exception_info()
+            # (`int 14` is a software interrupt: no error code, CR2 untouched.)
             self.pending = VmExit(ExitReason.EXCEPTION, vector=PF, error_code=err,
                                   cr2=uc.reg_read(X.UC_X86_REG_CR2))
         else:
-            err, soft = self.state.exception_info()
             self.pending = VmExit(ExitReason.EXCEPTION, vector=intno,
                                   error_code=err if not soft else None, soft=soft)
         self._stop(uc)
 
     def _on_invalid(self, uc: Uc, _ud: object) -> bool:
-        self.pending = VmExit(ExitReason.EXCEPTION, vector=UD)
+        _, soft = self.state.exception_info()
+        if soft:
+            # `int 6` arrives here, as QEMU raises it like #UD, with RIP on the int: it
+            # is a software interrupt (DPL check, trap: the frame has the next RIP).
+            uc.reg_write(X.UC_X86_REG_RIP, self.state.exception_next_rip())
+        self.pending = VmExit(ExitReason.EXCEPTION, vector=UD, soft=soft)
         self._stop(uc)
         return True
 

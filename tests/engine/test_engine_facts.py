@@ -245,6 +245,27 @@ def test_u12_ud2_is_an_invalid_instruction_hook_not_vector_6():
     assert seen == [("invalid", CODE)]
 
 
+def test_u26_int_6_is_an_invalid_instruction_hook_with_rip_on_the_int():
+    import struct
+
+    from hvmodel.vm.cpustate import OFF_EXC_IS_INT, OFF_EXC_NEXT_EIP
+    seen = []
+    uc = machine(asm("nop; int 6; hlt"))
+    uc.hook_add(UC_HOOK_INTR, lambda uc_, n, ud: seen.append(("intr", n)))
+
+    def invalid(uc_, ud):
+        blob = bytes(uc_.context_save())
+        is_int, = struct.unpack_from("<i", blob, OFF_EXC_IS_INT)
+        nxt, = struct.unpack_from("<Q", blob, OFF_EXC_NEXT_EIP)
+        seen.append(("invalid", rip(uc_), is_int, nxt))
+        uc_.reg_write(X.UC_X86_REG_RIP, nxt)
+        return True
+
+    uc.hook_add(UC_HOOK_INSN_INVALID, invalid)
+    uc.emu_start(CODE, 0)
+    assert seen == [("invalid", CODE + 1, 1, CODE + 3)]
+
+
 def test_u13_hlt_returns_from_emu_start_after_the_hlt_without_a_hook():
     uc = machine(asm("nop; hlt; nop"))
     uc.emu_start(CODE, 0)
