@@ -1,0 +1,63 @@
+"""Digests of guest-physical memory for lock-step checkpoints (xxh3 over whole pages).
+
+At every checkpoint each VMM mode's memory is compared with the reference's over the
+guest pages the mode holds contents for (private, shared -- the zero frame included --,
+swapped, compressed): a wrong frame written by the VMM on the guest's behalf (an A/D
+update, an event frame, a swap-in, a copy-on-write copy) shows there before the guest
+reads it. Pages a mode never backed read as zero there; they are compared byte by byte,
+with all the others, at the end of the check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xxhash
+
+from ..mmu.p2m import P2MState
+from ..vm.vm import VM
+
+_IN_RAM = (int(P2MState.PRIVATE), int(P2MState.SHARED))
+_AWAY = (int(P2MState.SWAPPED), int(P2MState.COMPRESSED))
+_HELD = (int(P2MState.PRIVATE), int(P2MState.SHARED), int(P2MState.SWAPPED), int(P2MState.COMPRESSED))
+
+
+def _pages(buf) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.uint8).reshape(-1, 4096)
+
+
+def held_pages(vm: VM) -> np.ndarray:
+    """The guest pages a VMM mode holds contents for, in order."""
+    st = vm.p2m.state
+    return np.flatnonzero(np.isin(st, _HELD))
+
+
+def contents(vm: VM, gfns: np.ndarray) -> np.ndarray:
+    """The pages ``gfns`` of ``vm`` as one (n, 4096) array (a copy)."""
+    if vm.p2m is None:
+        return _pages(vm.ram.buf)[gfns]
+    p2m = vm.p2m
+    st = p2m.state[gfns]
+    in_ram = np.isin(st, _IN_RAM)
+    # Pages without a frame read as the zero frame (untouched, ballooned: as the guest
+    # would read them); those in the swap file or the compression cache are read there.
+    out = _pages(vm.pool.buf)[p2m.value[gfns] * in_ram]
+    for i in np.flatnonzero(np.isin(st, _AWAY)):
+        out[i] = np.frombuffer(p2m.read_gpa(int(gfns[i]) << 12, 4096), dtype=np.uint8)
+    return out
+
+
+def digest(vm: VM, gfns: np.ndarray) -> int:
+    """xxh3 of the pages ``gfns`` of ``vm``, in order."""
+    return xxhash.xxh3_64_intdigest(contents(vm, gfns))
+
+
+def first_difference(ref: VM, vm: VM, gfns: np.ndarray) -> tuple[int, int, int] | None:
+    """(gpa, mode's qword, reference's qword) where two VMs' pages first differ, or None."""
+    a = contents(ref, gfns).view("<u8")
+    b = contents(vm, gfns).view("<u8")
+    diff = np.flatnonzero(a.reshape(-1) != b.reshape(-1))
+    if not len(diff):
+        return None
+    i = int(diff[0])
+    gpa = (int(gfns[i // 512]) << 12) | (i % 512) * 8
+    return gpa, int(b.reshape(-1)[i]), int(a.reshape(-1)[i])
