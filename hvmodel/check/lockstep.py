@@ -79,6 +79,7 @@ class CheckResult:
     report: str = ""
     instructions: int = 0
     stop_reason: str = ""
+    exit_status: int | None = None   # the reference's: the guest's own verdict
     memory: dict = field(default_factory=dict)   # sharing/swapping counters under pressure
     accesses: int = 0           # guest loads and stores compared, all modes
     fills: int = 0              # translations checked against the guest's tables, all modes
@@ -141,7 +142,8 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
     ``pressure`` > 0 turns memory management on for the VMM modes, none of which the
     guest may notice: after every step the sharing scanner visits 16 × ``pressure``
     of each VM's pages (all VMs share one salt, so identical pages are shared across
-    modes too) and ``pressure`` of its private pages are swapped out.
+    modes too) and ``pressure`` of its private pages leave RAM: half of them through
+    reclaim (compressed when they compress to 2 KiB, else swapped), half swapped out.
 
     ``accesses=False`` leaves out the access stream and the fill checks (checkpoints and
     the final memory only): what the checker was before them, kept to show what they add.
@@ -187,7 +189,9 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
                     bad = found
                 if pressure and vm.running:
                     host.sharing.scan(vm, 16 * pressure)
-                    host.swapper.swap_out(vm, pressure)
+                    # half through reclaim (compressed when it pays), half straight to swap
+                    host.swapper.reclaim(vm, pressure // 2)
+                    host.swapper.swap_out(vm, pressure - pressure // 2)
             result.checkpoints += 1
             if bad is not None:
                 result.mismatches = 1
@@ -213,6 +217,7 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
 
     result.instructions = ref.vcpu.insns
     result.stop_reason = ref.stop_reason
+    result.exit_status = ref.exit_status
     if result.ok:
         pages, report = _compare_memory(runs, memsize)
         result.pages_compared = pages
@@ -220,7 +225,8 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
             result.mismatches = report.count("\n  page ") or 1
             result.report = report
             result.diverged_at = result.instructions
-    result.memory = {r.name: {k: r.vm.memory_counters()[k] for k in ("SHRD", "ZERO", "SWW", "SWR", "COW_breaks")}
+    result.memory = {r.name: {k: r.vm.memory_counters().get(k, 0)
+                              for k in ("SHRD", "ZERO", "ZIP", "SWW", "SWR", "COW_breaks")}
                      for r in runs[1:]} if pressure else {}
     host.close()
     return result

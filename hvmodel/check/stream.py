@@ -48,7 +48,7 @@ from unicorn.unicorn_py3.unicorn import HOOK_MEM_ACCESS_CFUNC, uclib
 
 from ..machine.pool import ZERO_FRAME
 from ..mmu.p2m import P2MState
-from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, PERM_RWX, walk
+from ..mmu.walk import ACC_FETCH, ACC_READ, ACC_WRITE, ADDR_MASK, PERM_RWX, PERM_W, walk
 from ..vm.vcpu import GuestAccessFault
 from ..vm.vm import VM
 
@@ -181,10 +181,10 @@ class StreamVerifier:
                     and exp[j] == self._now():
                 gfn = g >> 12
                 st = self._state(gfn)
-                if st == _PRIVATE or st == _SHARED:
+                if st == _PRIVATE or st == _SHARED and kind != UC_MEM_WRITE:
                     if self._value(gfn) == addr >> 12:
                         return
-                elif st == _UNBACKED and addr >> 12 == ZERO_FRAME:
+                elif st == _UNBACKED and addr >> 12 == ZERO_FRAME and kind != UC_MEM_WRITE:
                     return
         except IndexError:
             pass           # past the reference's records, or a gfn outside RAM (the APIC)
@@ -205,16 +205,23 @@ class StreamVerifier:
         elif exp[j] != self._now():
             self._diverged(j, kind, addr, size, value, f"made by instruction {self._now():,}, "
                                                        f"the reference's by instruction {exp[j]:,}")
-        elif self._backing(exp[j + 2] >> 12) != addr >> 12:
+        elif self._backing(exp[j + 2] >> 12, kind == UC_MEM_WRITE) != addr >> 12:
             self._diverged(j, kind, addr, size, value, "a machine page that does not back the reference's "
-                                                       "guest-physical page")
+                                                       "guest-physical page" + (" writably" if kind == UC_MEM_WRITE
+                                                                                 else ""))
 
-    def _backing(self, gfn: int) -> int:
-        """The machine frame an access to ``gfn`` may reach now (-1: none may)."""
-        f = self.p2m.frame_of(gfn)
+    def _backing(self, gfn: int, write: bool = False) -> int:
+        """The machine frame an access to ``gfn`` may reach now (-1: none may). A write only
+        ever reaches a private frame: a shared frame or the zero frame is never written."""
+        p2m = self.p2m
+        inside = gfn < p2m.npages
+        st = p2m.state.item(gfn) if inside else -1
+        if write and inside and st != _PRIVATE:
+            return -1
+        f = p2m.frame_of(gfn)
         if f >= 0:
             return f
-        if gfn < self.p2m.npages and self.p2m.state.item(gfn) == _UNBACKED:
+        if st == _UNBACKED:
             return ZERO_FRAME
         return -1
 
@@ -259,7 +266,7 @@ class StreamVerifier:
                         f"{'allow' if g >= 0 else 'refuse'} (VMM {~r if r < 0 else r:#x}, tables "
                         f"{~g if g < 0 else g:#x})")
         else:
-            if (r >> 12) != self._backing((g & ADDR_MASK) >> 12):
+            if (r >> 12) != self._backing((g & ADDR_MASK) >> 12, bool(r & PERM_W)):
                 what = (f"a {_ACC[acc]} fill of {va:#x} maps machine {r & ADDR_MASK:#x}; the guest's tables "
                         f"name guest-physical {g & ADDR_MASK:#x}")
             elif r & PERM_RWX & ~g:
