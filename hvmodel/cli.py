@@ -102,6 +102,8 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--pressure", type=int, default=0, metavar="PAGES",
                      help="memory management on: share every identical page and swap out PAGES pages "
                           "after every checkpoint (the guest must not notice)")
+    chk.add_argument("--no-large-pages", action="store_true",
+                     help="no 2 MiB pages in the VMM modes (Mem.AllocGuestLargePage 0)")
     add_fault_options(chk)
 
     mp = sub.add_parser("map", help="run a guest or scenario, then draw guest virtual → guest physical → "
@@ -340,7 +342,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     injector = Injector(faults, args.seed or 0)
     try:
         res = check(image, args.mmu, memsize=args.mem, every=args.every, max_insns=args.max_insns,
-                    pressure=args.pressure, configure=injector.arm_vm if faults else None)
+                    pressure=args.pressure, configure=injector.arm_vm if faults else None,
+                    large_pages=not args.no_large_pages)
     except (VMError, InjectError) as e:
         raise RunError(str(e), EXIT_USAGE) from None
     finally:

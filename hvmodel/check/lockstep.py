@@ -40,6 +40,7 @@ from ..vm.disasm import disassemble_at
 from ..vm.vm import DEFAULT_MAX_INSNS, VM, VMConfig
 from . import digest
 from .divergence import describe_walk
+from .witness import Witness
 from .stream import AccessDivergence, ReferenceStream, StreamVerifier, format_divergence
 
 REGS = [("rip", X.UC_X86_REG_RIP), ("rax", X.UC_X86_REG_RAX), ("rbx", X.UC_X86_REG_RBX),
@@ -133,7 +134,8 @@ def _fmt(v: object) -> str:
 
 def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_mem: int = 256 << 20,
           every: int = DEFAULT_EVERY, max_insns: int = DEFAULT_MAX_INSNS,
-          configure=None, pressure: int = 0, accesses: bool = True) -> CheckResult:
+          configure=None, pressure: int = 0, accesses: bool = True,
+          large_pages: bool = True) -> CheckResult:
     """Run ``image`` under each mode and the reference in lock-step and compare.
 
     ``configure(vm)``, if given, is called on every VM before it runs (tests use it to
@@ -145,20 +147,24 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
     modes too) and ``pressure`` of its private pages leave RAM: half of them through
     reclaim (compressed when they compress to 2 KiB, else swapped), half swapped out.
 
+    ``large_pages=False`` gives the VMM modes no 2 MiB pages (``--no-large-pages``).
+
     ``accesses=False`` leaves out the access stream and the fill checks (checkpoints and
     the final memory only): what the checker was before them, kept to show what they add.
     """
     result = CheckResult(guest=image.source_name, modes=list(modes))
     ref = VM(VMConfig(name="native", memsize=memsize, mmu="native"), image)
-    host = Host(HostConfig(memsize=host_mem * max(1, len(modes)),
+    host = Host(HostConfig(memsize=host_mem * (max(1, len(modes)) + (1 if pressure else 0)),
                            sharing=SharingConfig(force_salting=1)))
     runs = [_Run("native", ref)] + [
-        _Run(m, host.power_on(VMConfig(name=m, memsize=memsize, mmu=m, pshare_salt="check"), image))
+        _Run(m, host.power_on(VMConfig(name=m, memsize=memsize, mmu=m, pshare_salt="check",
+                                       large_pages=large_pages), image))
         for m in modes]
     for r in runs:
         r.vm.events.keep_log = True
         if configure is not None:
             configure(r.vm)
+    witness = Witness(host, image, memsize, "check") if pressure and len(runs) > 1 else None
     # The access stream: after configure, so a deliberately broken MMU is the one checked.
     recorder = ReferenceStream(ref) if accesses else None
     verifiers = [StreamVerifier(r.vm) for r in runs[1:]] if accesses else []
@@ -204,6 +210,10 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
             # of the guest's memory, which at every exit would dominate the check.
             periodic = target % every == 0 or not ref.running
             report = _compare(runs) or (periodic and _compare_digests(runs, result))
+            if not report and witness is not None:
+                report = witness.changed()
+                if not report and runs[1].vm.running:
+                    witness.copy_from(runs[1].vm, 16 * pressure)
             if report:
                 result.mismatches = 1
                 result.diverged_at = target

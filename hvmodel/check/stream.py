@@ -124,16 +124,12 @@ class StreamVerifier:
         self.vm = vm
         self.p2m = vm.p2m
         self.expected: list[int] = []
-        self.pos = 0
         self.accesses = 0
         self.fills_checked = 0
         self.bad: AccessDivergence | None = None
         self.error: BaseException | None = None
-        self._now = vm.vcpu.now
-        self._state = vm.p2m.state.item
-        self._value = vm.p2m.value.item
-        self._cbs = [_hook(vm, UC_HOOK_MEM_WRITE, self._on_access),
-                     _hook(vm, UC_HOOK_MEM_READ_AFTER, self._on_access)]
+        on_access, self._begin, self._position = self._make_hook()
+        self._cbs = [_hook(vm, UC_HOOK_MEM_WRITE, on_access), _hook(vm, UC_HOOK_MEM_READ_AFTER, on_access)]
         translate = vm.mmu.translate
 
         def checked_translate(cr3: int, va: int, acc: int, user: bool, ctl: int) -> int:
@@ -150,50 +146,76 @@ class StreamVerifier:
     def begin(self, expected: list[int]) -> None:
         """Start a checkpoint: the reference's records for it."""
         self.expected = expected
-        self.pos = 0
+        self._begin(expected)
+
+    @property
+    def pos(self) -> int:
+        return self._position()
 
     def end(self) -> AccessDivergence | None:
         """End a checkpoint: the first difference, including a stream that ended early."""
         if self.error is not None:
             raise self.error
-        if self.bad is None and self.pos < len(self.expected):
-            e = self.expected[self.pos:self.pos + ITEM]
-            self.bad = AccessDivergence(self.vm.config.name, self.pos // ITEM, e[0], "the reference made "
-                                        f"{(len(self.expected) - self.pos) // ITEM} more access(es) in this "
+        pos = self.pos
+        self.accesses += pos // ITEM
+        if self.bad is None and pos < len(self.expected):
+            e = self.expected[pos:pos + ITEM]
+            self.bad = AccessDivergence(self.vm.config.name, pos // ITEM, e[0], "the reference made "
+                                        f"{(len(self.expected) - pos) // ITEM} more access(es) in this "
                                         "checkpoint; the first one is missing here",
                                         theirs=(e[1], e[2], e[3], e[4]))
         return self.bad
 
     # -- the access hook ------------------------------------------------------------
 
-    def _on_access(self, _h, kind, addr, size, value, _ud) -> None:
-        # The hot path of a check run: the common case (agreement with a private, shared or
-        # untouched page) inline over the p2m's own arrays; anything else is looked at slowly.
-        j = self.pos
-        self.pos = j + ITEM
-        self.accesses += 1
-        if self.bad is not None:
-            return
-        exp = self.expected
-        try:
-            g = exp[j + 2]
-            if exp[j + 1] == kind and exp[j + 3] == size and exp[j + 4] == value and not (g ^ addr) & 0xFFF \
-                    and exp[j] == self._now():
-                gfn = g >> 12
-                st = self._state(gfn)
-                if st == _PRIVATE or st == _SHARED and kind != UC_MEM_WRITE:
-                    if self._value(gfn) == addr >> 12:
-                        return
-                elif st == _UNBACKED and addr >> 12 == ZERO_FRAME and kind != UC_MEM_WRITE:
-                    return
-        except IndexError:
-            pass           # past the reference's records, or a gfn outside RAM (the APIC)
-        try:
-            self._check_slowly(j, kind, addr, size, value)
-        except BaseException as exc:   # never unwind through C
-            self.error = exc
+    def _make_hook(self):
+        """The access hook and its state, as closures: the hot path of a check run reads
+        cells, not attributes. The common case (agreement with a private, shared or untouched
+        page) is decided inline over the p2m's own arrays; anything else is looked at slowly."""
+        exp: list[int] = []
+        pos = 0
+        done = False
+        now = self.vm.vcpu.now
+        state = self.p2m.state.item
+        frame = self.p2m.value.item
+        slow = self._check_slowly
 
-    def _check_slowly(self, j: int, kind: int, addr: int, size: int, value: int) -> None:
+        def on_access(_h, kind, addr, size, value, _ud) -> None:
+            nonlocal pos, done
+            j = pos
+            pos = j + ITEM
+            if done:
+                return
+            try:
+                g = exp[j + 2]
+                if exp[j + 1] == kind and exp[j + 4] == value and exp[j + 3] == size and not (g ^ addr) & 0xFFF \
+                        and exp[j] == now():
+                    st = state(g >> 12)
+                    if kind != UC_MEM_WRITE:
+                        if (st == _PRIVATE or st == _SHARED) and frame(g >> 12) == addr >> 12 \
+                                or st == _UNBACKED and addr >> 12 == ZERO_FRAME:
+                            return
+                    elif st == _PRIVATE and frame(g >> 12) == addr >> 12:
+                        return
+            except IndexError:
+                pass       # past the reference's records, or a gfn outside RAM (the APIC)
+            try:
+                done = slow(j, kind, addr, size, value)
+            except BaseException as exc:   # never unwind through C
+                self.error = exc
+                done = True
+
+        def begin(expected: list[int]) -> None:
+            nonlocal exp, pos, done
+            exp, pos, done = expected, 0, self.bad is not None
+
+        def position() -> int:
+            return pos
+
+        return on_access, begin, position
+
+    def _check_slowly(self, j: int, kind: int, addr: int, size: int, value: int) -> bool:
+        """The access the fast path did not accept; True if it differs (then recorded)."""
         exp = self.expected
         if j + ITEM > len(exp):
             self._diverged(j, kind, addr, size, value, "an access the reference did not make")
@@ -202,13 +224,14 @@ class StreamVerifier:
                                      ("value", exp[j + 4] != value),
                                      ("page offset", (exp[j + 2] ^ addr) & 0xFFF)) if bad]
             self._diverged(j, kind, addr, size, value, " and ".join(what) + " differ")
-        elif exp[j] != self._now():
-            self._diverged(j, kind, addr, size, value, f"made by instruction {self._now():,}, "
+        elif exp[j] != self.vm.vcpu.now():
+            self._diverged(j, kind, addr, size, value, f"made by instruction {self.vm.vcpu.now():,}, "
                                                        f"the reference's by instruction {exp[j]:,}")
         elif self._backing(exp[j + 2] >> 12, kind == UC_MEM_WRITE) != addr >> 12:
             self._diverged(j, kind, addr, size, value, "a machine page that does not back the reference's "
                                                        "guest-physical page" + (" writably" if kind == UC_MEM_WRITE
                                                                                  else ""))
+        return self.bad is not None
 
     def _backing(self, gfn: int, write: bool = False) -> int:
         """The machine frame an access to ``gfn`` may reach now (-1: none may). A write only

@@ -41,10 +41,11 @@ CATALOGUE: tuple[Mutant, ...] = (
            "            self.q[idx] = 0\n            self.flush_pending = True\n\n    def _split_large",
            "            self.q[idx] = 0\n\n    def _split_large", pressure=True),
     Mutant("nested-ntlb-stale",
-           "nested: a p2m change leaves the page's nested-TLB entry in place (a stale nested-TLB entry)",
+           "nested: splitting a 2 MiB EPT leaf keeps the nested-TLB entries of its region "
+           "(a stale nested-TLB entry: it still names the 2 MiB leaf)",
            "mmu/nested.py",
-           "            self.ntlb_tag[slot] = -1  # INVEPT for this translation",
-           "            pass", pressure=True),
+           "        self._ntlb_drop_region(region)\n        self.large_splits += 1",
+           "        self.large_splits += 1", pressure=True),
     Mutant("nested-ad-write-no-cow",
            "nested: the walk's A/D update into a write-protected table page skips copy-on-write "
            "(the shared-frame bug of dedup-8vm, re-created)",

@@ -14,8 +14,8 @@ reference run: the bug is in code the reference shares, event delivery), or ``cr
 at which the first divergence showed (for the matrix: the instructions the matrix guest
 had run when it recorded the first wrong combination).
 
-Checker names: ``lockstep:GUEST[:pressure=N][:every=N]`` (guests/GUEST.asm in nested and
-shadow against the reference, 8 MiB of guest memory), ``matrix:SAMPLE`` (every SAMPLE-th
+Checker names: ``lockstep:GUEST[:pressure=N][:every=N][:nolarge]`` (guests/GUEST.asm in
+nested and shadow against the reference, 8 MiB of guest memory; ``nolarge``: no 2 MiB pages), ``matrix:SAMPLE`` (every SAMPLE-th
 legal combination of the access matrix, both modes), ``fuzz:SEED:COUNT`` (generated
 programs SEED/0..COUNT-1).
 """
@@ -37,9 +37,10 @@ def _guest(name: str):
     return load_guest(Path(__file__).resolve().parents[3] / "guests" / f"{name}.asm")
 
 
-def run_lockstep(guest: str, pressure: int = 0, every: int | None = None) -> dict:
+def run_lockstep(guest: str, pressure: int = 0, every: int | None = None, large: bool = True) -> dict:
     from ..lockstep import DEFAULT_EVERY, check
-    res = check(_guest(guest), MODES, memsize=MEMSIZE, every=every or DEFAULT_EVERY, pressure=pressure)
+    res = check(_guest(guest), MODES, memsize=MEMSIZE, every=every or DEFAULT_EVERY, pressure=pressure,
+                large_pages=large)
     if not res.ok:
         first = res.report.splitlines()[1:3]
         return {"killed": True, "how": "mismatch", "insns": res.diverged_at,
@@ -91,8 +92,9 @@ def run_checker(spec: str) -> dict:
     """Run one checker by name (see the module docstring)."""
     kind, *args = spec.split(":")
     if kind == "lockstep":
-        opts = dict(a.split("=") for a in args[1:])
-        return run_lockstep(args[0], int(opts.get("pressure", 0)), int(opts["every"]) if "every" in opts else None)
+        opts = dict(a.split("=") if "=" in a else (a, "1") for a in args[1:])
+        return run_lockstep(args[0], int(opts.get("pressure", 0)), int(opts["every"]) if "every" in opts else None,
+                            large="nolarge" not in opts)
     if kind == "matrix":
         return run_matrix(int(args[0]))
     if kind == "fuzz":
