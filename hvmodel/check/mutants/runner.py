@@ -25,9 +25,12 @@ from typing import Callable, Iterable
 from .apply import MutantError, make_copy, mutated_source
 from .catalogue import CATALOGUE, Mutant
 
-# The checkers, cheapest first (CPU seconds on the development machine, 8 MiB guests).
+# The checkers, cheapest first (8 MiB guests). ``edges`` is the guest written to reach
+# what the others do not (large-page INVLPG, A/D aging, 1 GiB pages, NX in a PDE, IST).
 LADDER = (
     "lockstep:hello",
+    "lockstep:edges",
+    "lockstep:edges:nolarge",
     "lockstep:usermode",
     "lockstep:faults",
     "lockstep:ptchurn",
@@ -35,11 +38,14 @@ LADDER = (
     "matrix:499",
     "fuzz:1:12",
 )
-# Memory-management mutants first meet the same guests under memory pressure: sharing,
-# compression and swapping after every checkpoint.
+# Memory-management mutants first meet guests under memory pressure: sharing (with the
+# witness VM), compression and swapping after every checkpoint.
 PRESSURE = (
+    "lockstep:edges:pressure=32:every=2000:nolarge",
+    "lockstep:edges:pressure=32:every=2000",
     "lockstep:hello:pressure=32:every=2000",
     "lockstep:usermode:pressure=32",
+    "lockstep:memtest:pressure=64",
     "lockstep:pagefault:pressure=32",
     "lockstep:dedup:pressure=32",
 )
