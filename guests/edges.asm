@@ -11,7 +11,10 @@
 #  4. NX in a non-leaf PDE (EFER.NXE = 1): a fetch below it is a #PF with I/D set, and
 #     fetches again once NX is cleared;
 #  5. delivery: #BP through an IST-1 interrupt gate runs on the IST1 stack with IF = 0;
-#     int 0x81 through a trap gate keeps IF = 1 and the current stack.
+#     int 0x81 through a trap gate keeps IF = 1 and the current stack;
+#  6. a page table changed often (a shadow MMU lets it go out of sync): an entry changed
+#     then, and again across an address-space switch and back, must be seen after
+#     INVLPG or the switch.
 %include "runtime/boot.inc"
 
 %define WIN       0x40000000          # PDPT[1]: a PD of our own (RAM is identity-mapped below 1 GiB)
@@ -190,6 +193,56 @@ nx_resume:
     jne bad_ist
     cmp qword ptr [rip + trap_seen], 1
     jne bad_trap
+
+    # ---- 6. a busy page table ------------------------------------------------------------------
+    call alloc_frame
+    mov rbx, rax                       # rbx = frame A, rbp = frame B: tagged first qwords
+    mov qword ptr [rbx], 0xa
+    call alloc_frame
+    mov rbp, rax
+    mov qword ptr [rbp], 0xb
+    call alloc_frame                   # a second address space: the same PML4[0]
+    mov r8, rax
+    mov edi, PML4_BASE
+    mov rax, qword ptr [rdi]
+    mov qword ptr [r8], rax
+    xor r15d, r15d
+busy_round:
+    mov rsi, WIN4K
+    mov rax, qword ptr [rsi + 8]       # PTE[0]'s translation in use
+    lea rax, [rbx + PTE_P + PTE_W]     # PTE[2] written three times: out of sync, for a shadow MMU
+    mov qword ptr [r13 + 16], rax
+    invlpg [rsi + 0x2000]
+    cmp qword ptr [rsi + 0x2000], 0xa
+    jne bad_busy
+    lea rax, [rbp + PTE_P + PTE_W]
+    mov qword ptr [r13 + 16], rax
+    invlpg [rsi + 0x2000]
+    cmp qword ptr [rsi + 0x2000], 0xb
+    jne bad_busy
+    lea rax, [rbx + PTE_P + PTE_W]
+    mov qword ptr [r13 + 16], rax
+    invlpg [rsi + 0x2000]
+    cmp qword ptr [rsi + 0x2000], 0xa
+    jne bad_busy
+    lea rax, [rbp + PTE_P + PTE_W]     # PTE[0] -> B now: INVLPG must show it
+    mov qword ptr [r13], rax
+    invlpg [rsi]
+    cmp qword ptr [rsi], 0xb
+    jne bad_busy
+    mov cr3, r8                        # away and back: the table is brought back in sync
+    mov rax, PML4_BASE
+    mov cr3, rax
+    cmp qword ptr [rsi], 0xb
+    jne bad_busy
+    lea rax, [r14 + PTE_P + PTE_W]     # PTE[0] back to its own frame
+    mov qword ptr [r13], rax
+    invlpg [rsi]
+    cmp qword ptr [rsi + 8], ROUNDS - 1
+    jne bad_busy
+    inc r15
+    cmp r15, 8
+    jb busy_round
     lea rsi, [rip + msg_ok]
     call puts
     jmp pass
@@ -271,6 +324,9 @@ bad_ist:
 bad_trap:
     lea rsi, [rip + msg_trap]
     jmp fail
+bad_busy:
+    lea rsi, [rip + msg_busy]
+    jmp fail
 
 pf_err:     .quad 0
 pf_cr2:     .quad 0
@@ -291,3 +347,4 @@ msg_no_nx:   .asciz "a fetch below an NX PDE did not fault"
 msg_nx:      .asciz "the NX #PF has the wrong error code or CR2"
 msg_ist:     .asciz "#BP through an IST-1 interrupt gate: wrong stack or IF set"
 msg_trap:    .asciz "int 0x81 through a trap gate: wrong stack or IF cleared"
+msg_busy:    .asciz "a changed entry of a busy page table was not seen"
