@@ -145,7 +145,9 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
     guest may notice: after every step the sharing scanner visits 16 × ``pressure``
     of each VM's pages (all VMs share one salt, so identical pages are shared across
     modes too) and ``pressure`` of its private pages leave RAM: half of them through
-    reclaim (compressed when they compress to 2 KiB, else swapped), half swapped out.
+    reclaim (compressed when they compress to 2 KiB, else swapped), half swapped out; a
+    witness VM that never runs takes copies of the first mode's pages, which sharing merges
+    with theirs, so that a write into a shared frame shows (:mod:`hvmodel.check.witness`).
 
     ``large_pages=False`` gives the VMM modes no 2 MiB pages (``--no-large-pages``).
 
