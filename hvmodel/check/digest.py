@@ -21,6 +21,25 @@ _AWAY = (int(P2MState.SWAPPED), int(P2MState.COMPRESSED))
 _HELD = (int(P2MState.PRIVATE), int(P2MState.SHARED), int(P2MState.SWAPPED), int(P2MState.COMPRESSED))
 
 
+class UnreadablePage(Exception):
+    """A mode cannot give back the contents of one of its guest pages (a swap slot or a
+    compressed page that fails): a divergence to report, not a crash of the checker."""
+
+    def __init__(self, vm: VM, gfn: int, why: BaseException) -> None:
+        super().__init__(f"{vm.config.name}: guest page {gfn:#x} cannot be read back: "
+                         f"{type(why).__name__}: {why}")
+        self.gfn = gfn
+
+
+def read_page(vm: VM, gpa: int, size: int = 4096) -> bytes:
+    """Bytes of a mode's guest-physical memory, wherever the page is (UnreadablePage if the
+    VMM cannot produce them)."""
+    try:
+        return vm.p2m.read_gpa(gpa, size)
+    except Exception as e:   # whatever the swap device or the compression cache raised
+        raise UnreadablePage(vm, gpa >> 12, e) from None
+
+
 def _pages(buf) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8).reshape(-1, 4096)
 
@@ -42,7 +61,7 @@ def contents(vm: VM, gfns: np.ndarray) -> np.ndarray:
     # would read them); those in the swap file or the compression cache are read there.
     out = _pages(vm.pool.buf)[p2m.value[gfns] * in_ram]
     for i in np.flatnonzero(np.isin(st, _AWAY)):
-        out[i] = np.frombuffer(p2m.read_gpa(int(gfns[i]) << 12, 4096), dtype=np.uint8)
+        out[i] = np.frombuffer(read_page(vm, int(gfns[i]) << 12), dtype=np.uint8)
     return out
 
 

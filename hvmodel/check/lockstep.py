@@ -211,11 +211,14 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
             # Memory digests at the periodic checkpoints (and the last): their cost is the size
             # of the guest's memory, which at every exit would dominate the check.
             periodic = target % every == 0 or not ref.running
-            report = _compare(runs) or (periodic and _compare_digests(runs, result))
-            if not report and witness is not None:
-                report = witness.changed()
-                if not report and runs[1].vm.running:
-                    witness.copy_from(runs[1].vm, 16 * pressure)
+            try:
+                report = _compare(runs) or (periodic and _compare_digests(runs, result))
+                if not report and witness is not None:
+                    report = witness.changed()
+                    if not report and runs[1].vm.running:
+                        witness.copy_from(runs[1].vm, 16 * pressure)
+            except digest.UnreadablePage as e:
+                report = f"  {e}"
             if report:
                 result.mismatches = 1
                 result.diverged_at = target
@@ -231,7 +234,10 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
     result.stop_reason = ref.stop_reason
     result.exit_status = ref.exit_status
     if result.ok:
-        pages, report = _compare_memory(runs, memsize)
+        try:
+            pages, report = _compare_memory(runs, memsize)
+        except digest.UnreadablePage as e:
+            pages, report = 0, f"guest-physical memory differs:\n  {e}"
         result.pages_compared = pages
         if report:
             result.mismatches = report.count("\n  page ") or 1
