@@ -5,8 +5,8 @@
 #     show the new region);
 #  2. A/D "aging", many rounds: A and D cleared in a 2 MiB leaf, a 4 KiB leaf and the
 #     tables above, INVLPG, then a read must set A (not D) and, a while later, a write D,
-#     every round (spread over the run, as a kernel's page aging is; in between, a VMM
-#     may share or reclaim the table pages);
+#     every round, and later a read then a write of the same page (spread over the run, as
+#     a kernel's page aging is; in between, a VMM may share or reclaim the pages);
 #  3. a 1 GiB page: a read at an offset above 2 MiB reaches that offset;
 #  4. NX in a non-leaf PDE (EFER.NXE = 1): a fetch below it is a #PF with I/D set, and
 #     fetches again once NX is cleared;
@@ -118,6 +118,17 @@ age_spin:                              # or reclaim the table pages meanwhile
     test qword ptr [r13], PDE_D
     jz bad_d
     cmp qword ptr [r14 + 8], r15       # the 4 KiB page's frame holds what was written
+    jne bad_data
+    mov ecx, SPIN                      # a while with dirty leaves: the VMM may share the pages
+age_spin2:
+    dec ecx
+    jnz age_spin2
+    mov rax, qword ptr [rdi + 0x3008]  # read, then write: a write to a page shared meanwhile
+    cmp rax, r15                       # must get its own copy
+    jne bad_data
+    lea rax, [r15 + 1]
+    mov qword ptr [rdi + 0x3008], rax
+    cmp qword ptr [rdi + 0x3008], rax
     jne bad_data
     inc r15
     cmp r15, ROUNDS

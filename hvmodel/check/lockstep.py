@@ -36,6 +36,7 @@ from unicorn import x86_const as X
 from ..guest.image import GuestImage
 from ..host.host import Host, HostConfig
 from ..memory.sharing import SharingConfig
+from ..mmu.p2m import GuestMemoryError
 from ..vm.disasm import disassemble_at
 from ..vm.vm import DEFAULT_MAX_INSNS, VM, VMConfig
 from . import digest
@@ -182,6 +183,7 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
                     raise recorder.error
                 expected = recorder.take()
             bad: AccessDivergence | None = None
+            failed = ""
             for i, r in enumerate(runs[1:]):
                 # A mode may exit more often than the reference: step it until it reaches
                 # the reference's instruction count.
@@ -195,11 +197,8 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
                 found = verifiers[i].end() if verifiers else None
                 if found is not None and (bad is None or found.insn < bad.insn):
                     bad = found
-                if pressure and vm.running:
-                    host.sharing.scan(vm, 16 * pressure)
-                    # half through reclaim (compressed when it pays), half straight to swap
-                    host.swapper.reclaim(vm, pressure // 2)
-                    host.swapper.swap_out(vm, pressure - pressure // 2)
+                if pressure and vm.running and not failed:
+                    failed = _apply_pressure(host, vm, pressure)
             result.checkpoints += 1
             if bad is not None:
                 result.mismatches = 1
@@ -212,13 +211,15 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
             # of the guest's memory, which at every exit would dominate the check.
             periodic = target % every == 0 or not ref.running
             try:
-                report = _compare(runs) or (periodic and _compare_digests(runs, result))
+                report = failed or _compare(runs) or (periodic and _compare_digests(runs, result))
                 if not report and witness is not None:
                     report = witness.changed()
                     if not report and runs[1].vm.running:
                         witness.copy_from(runs[1].vm, 16 * pressure)
             except digest.UnreadablePage as e:
                 report = f"  {e}"
+            except GuestMemoryError as e:
+                report = f"  the VMM failed while the witness took its copies: {e}"
             if report:
                 result.mismatches = 1
                 result.diverged_at = target
@@ -248,6 +249,19 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
                      for r in runs[1:]} if pressure else {}
     host.close()
     return result
+
+
+def _apply_pressure(host: Host, vm: VM, pressure: int) -> str:
+    """Share, compress and swap some of ``vm``'s pages; why the VMM failed doing it, or ""."""
+    try:
+        host.sharing.scan(vm, 16 * pressure)
+        # half through reclaim (compressed when it pays), half straight to swap
+        host.swapper.reclaim(vm, pressure // 2)
+        host.swapper.swap_out(vm, pressure - pressure // 2)
+    except GuestMemoryError as e:
+        # In a run the host stops the VM with this message; here it is a divergence.
+        return f"  {vm.config.name}: the VMM failed while managing memory: {e}"
+    return ""
 
 
 def _reference_walk(image: GuestImage, memsize: int, every: int, max_insns: int,
