@@ -66,8 +66,34 @@ def contents(vm: VM, gfns: np.ndarray) -> np.ndarray:
 
 
 def digest(vm: VM, gfns: np.ndarray) -> int:
-    """xxh3 of the pages ``gfns`` of ``vm``, in order."""
-    return xxhash.xxh3_64_intdigest(contents(vm, gfns))
+    """xxh3 of the pages ``gfns`` of ``vm``, in order -- streamed, one update per run of pages
+    whose frames are contiguous too (a large page is one run), so nothing is copied."""
+    h = xxhash.xxh3_64()
+    gfns = np.asarray(gfns, dtype=np.int64)
+    if not len(gfns):
+        return h.intdigest()
+    if vm.p2m is None:
+        mv, frames, away = vm.ram.mv, gfns, None
+    else:
+        st = vm.p2m.state[gfns]
+        frames = vm.p2m.value[gfns] * np.isin(st, _IN_RAM)   # without a frame: the zero frame
+        away = np.isin(st, _AWAY)
+        mv = memoryview(vm.pool.buf)
+    # a run breaks where the frame is not the previous one's successor, or the page is away
+    brk = np.ones(len(gfns), dtype=bool)
+    brk[1:] = np.diff(frames) != 1
+    if away is not None:
+        brk |= away
+        brk[1:] |= away[:-1]
+    starts = np.flatnonzero(brk)
+    ends = np.append(starts[1:], len(gfns))
+    for s0, e0 in zip(starts.tolist(), ends.tolist()):
+        if away is not None and away[s0]:
+            h.update(read_page(vm, int(gfns[s0]) << 12))
+        else:
+            f = int(frames[s0])
+            h.update(mv[f << 12:(f + e0 - s0) << 12])
+    return h.intdigest()
 
 
 def first_difference(ref: VM, vm: VM, gfns: np.ndarray) -> tuple[int, int, int] | None:

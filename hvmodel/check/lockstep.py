@@ -177,7 +177,7 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
             limit = every - ref.vcpu.insns % every
             ref.step(max_insns, limit)
             target = ref.vcpu.insns
-            expected: list[int] = []
+            expected = np.zeros(0, dtype=np.int64)
             if recorder is not None:
                 if recorder.error is not None:
                     raise recorder.error

@@ -66,14 +66,29 @@ _REGS = {getattr(CX, n): getattr(X, "UC_" + n) for n in dir(CX)
          if n.startswith("X86_REG_") and hasattr(X, "UC_" + n) and getattr(CX, n)}
 
 
-def _hook(vm: VM, kind: int, fn) -> object:
-    cb = HOOK_MEM_ACCESS_CFUNC(fn)
-    hh = ctypes.c_size_t()
-    err = uclib.uc_hook_add(vm.vcpu.h, ctypes.byref(hh), kind, ctypes.cast(cb, ctypes.c_void_p), None,
-                            ctypes.c_uint64(1), ctypes.c_uint64(0))
-    if err:
-        raise UcError(err)
-    return cb
+def _install(vm: VM, ctx: np.ndarray, slow) -> tuple:
+    """Hook ``vm``'s loads and stores with the compiled hook for its role (reference or mode);
+    ``slow`` is the Python callback the hook calls for everything it does not decide. Also
+    keeps the context's slice base current: the instruction counter restarts every slice."""
+    from . import stream_hooks as H
+    v = vm.vcpu
+    cb = HOOK_MEM_ACCESS_CFUNC(slow)
+    ctx[H.C_COUNTER] = v.h.value + v.offsets["emu_counter"]
+    ctx[H.C_SLOW] = ctypes.cast(cb, ctypes.c_void_p).value
+    fn = H.record_access if vm.p2m is None else H.verify_access
+    for kind in (UC_HOOK_MEM_WRITE, UC_HOOK_MEM_READ_AFTER):
+        hh = ctypes.c_size_t()
+        err = uclib.uc_hook_add(v.h, ctypes.byref(hh), kind, ctypes.c_void_p(fn.address),
+                                ctypes.c_void_p(ctx.ctypes.data), ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise UcError(err)
+    run = v.run
+
+    def run_slice(budget: int):
+        ctx[H.C_BASE] = v.insns
+        return run(budget)
+    v.run = run_slice      # per instance, in check runs only
+    return cb, fn
 
 
 @dataclass
@@ -94,27 +109,38 @@ class AccessDivergence:
 
 
 class ReferenceStream:
-    """Records the reference's loads and stores, per checkpoint."""
+    """Records the reference's loads and stores, per checkpoint (compiled; grows by Python)."""
 
     def __init__(self, vm: VM) -> None:
+        from . import stream_hooks as H
         self.vm = vm
-        self.items: list[int] = []
         self.error: BaseException | None = None
-        now = vm.vcpu.now
-        extend = self.items.extend
+        self.ctx = np.zeros(H.CTX_SLOTS, dtype=np.int64)
+        self._grow(1 << 16)
 
-        def on_access(_h, kind, addr, size, value, _ud):
+        def full(_h, kind, addr, size, value, _ud) -> None:
             try:
-                extend((now(), kind, addr, size, value))
-            except BaseException as exc:  # never unwind through C
+                self._grow(2 * int(self.ctx[H.C_CAP]))
+            except BaseException as exc:   # never unwind through C
                 self.error = exc
-        self._cbs = [_hook(vm, UC_HOOK_MEM_WRITE, on_access), _hook(vm, UC_HOOK_MEM_READ_AFTER, on_access)]
+        self._keep = _install(vm, self.ctx, full)
 
-    def take(self) -> list[int]:
-        """The records since the last call (the list is reused: copy before the next step)."""
-        items = self.items[:]
-        self.items.clear()
-        return items
+    def _grow(self, cap: int) -> None:
+        from . import stream_hooks as H
+        old = getattr(self, "buf", None)
+        buf = np.zeros(cap * ITEM, dtype=np.int64)
+        if old is not None:
+            buf[:len(old)] = old
+        self.buf = buf
+        self.ctx[H.C_BUF] = buf.ctypes.data
+        self.ctx[H.C_CAP] = cap
+
+    def take(self) -> np.ndarray:
+        """The records of the step just run, as one flat array (valid until the next step)."""
+        from . import stream_hooks as H
+        n = int(self.ctx[H.C_POS])
+        self.ctx[H.C_POS] = 0
+        return self.buf[:n * ITEM]
 
 
 class StreamVerifier:
@@ -122,15 +148,28 @@ class StreamVerifier:
     guest's tables."""
 
     def __init__(self, vm: VM) -> None:
+        from . import stream_hooks as H
+        assert (H._UNBACKED, H._PRIVATE, H._SHARED) == (_UNBACKED, _PRIVATE, _SHARED) and ZERO_FRAME == 0
         self.vm = vm
         self.p2m = vm.p2m
-        self.expected: list[int] = []
+        self.expected = np.zeros(0, dtype=np.int64)
         self.accesses = 0
         self.fills_checked = 0
         self.bad: AccessDivergence | None = None
         self.error: BaseException | None = None
-        on_access, self._begin, self._position = self._make_hook()
-        self._cbs = [_hook(vm, UC_HOOK_MEM_WRITE, on_access), _hook(vm, UC_HOOK_MEM_READ_AFTER, on_access)]
+        ctx = self.ctx = np.zeros(H.CTX_SLOTS, dtype=np.int64)
+        ctx[H.C_STATE] = self.p2m.state.ctypes.data
+        ctx[H.C_FRAME] = self.p2m.value.ctypes.data
+        ctx[H.C_NPAGES] = self.p2m.npages
+
+        def slow(_h, kind, addr, size, value, _ud) -> None:
+            try:
+                if self._check_slowly(int(ctx[H.C_POS]) - 1, kind, addr, size, value):
+                    ctx[H.C_DONE] = 1
+            except BaseException as exc:   # never unwind through C
+                self.error = exc
+                ctx[H.C_DONE] = 1
+        self._keep = _install(vm, ctx, slow)
         translate = vm.mmu.translate
 
         def checked_translate(cr3: int, va: int, acc: int, user: bool, ctl: int) -> int:
@@ -140,96 +179,55 @@ class StreamVerifier:
                     self._check_fill(cr3, va, acc, user, ctl, r)
                 except BaseException as exc:
                     self.error = exc
+                if self.bad is not None:
+                    ctx[H.C_DONE] = 1
             return r
         # Per instance and only here: the fill hook of a VM that is not checked is untouched.
         vm.mmu.translate = checked_translate
 
-    def begin(self, expected: list[int]) -> None:
+    def begin(self, expected: np.ndarray) -> None:
         """Start a checkpoint: the reference's records for it."""
+        from . import stream_hooks as H
         self.expected = expected
-        self._begin(expected)
-
-    @property
-    def pos(self) -> int:
-        return self._position()
+        ctx = self.ctx
+        ctx[H.C_BUF] = expected.ctypes.data
+        ctx[H.C_CAP] = len(expected) // ITEM
+        ctx[H.C_POS] = 0
+        ctx[H.C_DONE] = int(self.bad is not None)
 
     def end(self) -> AccessDivergence | None:
         """End a checkpoint: the first difference, including a stream that ended early."""
+        from . import stream_hooks as H
         if self.error is not None:
             raise self.error
-        pos = self.pos
-        self.accesses += pos // ITEM
-        if self.bad is None and pos < len(self.expected):
-            e = self.expected[pos:pos + ITEM]
-            self.bad = AccessDivergence(self.vm.config.name, pos // ITEM, e[0], "the reference made "
-                                        f"{(len(self.expected) - pos) // ITEM} more access(es) in this "
+        seen = int(self.ctx[H.C_POS])
+        self.accesses += seen
+        if self.bad is None and seen < len(self.expected) // ITEM:
+            e = [int(x) for x in self.expected[seen * ITEM:(seen + 1) * ITEM]]
+            self.bad = AccessDivergence(self.vm.config.name, seen, e[0], "the reference made "
+                                        f"{len(self.expected) // ITEM - seen} more access(es) in this "
                                         "checkpoint; the first one is missing here",
                                         theirs=(e[1], e[2], e[3], e[4]))
         return self.bad
 
-    # -- the access hook ------------------------------------------------------------
+    # -- what the compiled hook did not decide -----------------------------------------
 
-    def _make_hook(self):
-        """The access hook and its state, as closures: the hot path of a check run reads
-        cells, not attributes. The common case (agreement with a private, shared or untouched
-        page) is decided inline over the p2m's own arrays; anything else is looked at slowly."""
-        exp: list[int] = []
-        pos = 0
-        done = False
-        now = self.vm.vcpu.now
-        state = self.p2m.state.item
-        frame = self.p2m.value.item
-        slow = self._check_slowly
-
-        def on_access(_h, kind, addr, size, value, _ud) -> None:
-            nonlocal pos, done
-            j = pos
-            pos = j + ITEM
-            if done:
-                return
-            try:
-                g = exp[j + 2]
-                if exp[j + 1] == kind and exp[j + 4] == value and exp[j + 3] == size and not (g ^ addr) & 0xFFF \
-                        and exp[j] == now():
-                    st = state(g >> 12)
-                    if kind != UC_MEM_WRITE:
-                        if (st == _PRIVATE or st == _SHARED) and frame(g >> 12) == addr >> 12 \
-                                or st == _UNBACKED and addr >> 12 == ZERO_FRAME:
-                            return
-                    elif st == _PRIVATE and frame(g >> 12) == addr >> 12:
-                        return
-            except IndexError:
-                pass       # past the reference's records, or a gfn outside RAM (the APIC)
-            try:
-                done = slow(j, kind, addr, size, value)
-            except BaseException as exc:   # never unwind through C
-                self.error = exc
-                done = True
-
-        def begin(expected: list[int]) -> None:
-            nonlocal exp, pos, done
-            exp, pos, done = expected, 0, self.bad is not None
-
-        def position() -> int:
-            return pos
-
-        return on_access, begin, position
-
-    def _check_slowly(self, j: int, kind: int, addr: int, size: int, value: int) -> bool:
-        """The access the fast path did not accept; True if it differs (then recorded)."""
-        exp = self.expected
-        if j + ITEM > len(exp):
-            self._diverged(j, kind, addr, size, value, "an access the reference did not make")
-        elif exp[j + 1] != kind or exp[j + 3] != size or exp[j + 4] != value or (exp[j + 2] ^ addr) & 0xFFF:
-            what = [w for w, bad in (("kind", exp[j + 1] != kind), ("size", exp[j + 3] != size),
-                                     ("value", exp[j + 4] != value),
-                                     ("page offset", (exp[j + 2] ^ addr) & 0xFFF)) if bad]
-            self._diverged(j, kind, addr, size, value, " and ".join(what) + " differ")
-        elif exp[j] != self.vm.vcpu.now():
-            self._diverged(j, kind, addr, size, value, f"made by instruction {self.vm.vcpu.now():,}, "
-                                                       f"the reference's by instruction {exp[j]:,}")
-        elif self._backing(exp[j + 2] >> 12, kind == UC_MEM_WRITE) != addr >> 12:
-            self._diverged(j, kind, addr, size, value, "a machine page that does not back the reference's "
+    def _check_slowly(self, i: int, kind: int, addr: int, size: int, value: int) -> bool:
+        """Access ``i`` of the checkpoint, which the compiled hook did not accept (an MMIO page,
+        or a difference); True if it differs (then recorded)."""
+        rec = [int(x) for x in self.expected[i * ITEM:(i + 1) * ITEM]]
+        if len(rec) < ITEM:
+            self._diverged(i, kind, addr, size, value, "an access the reference did not make")
+        elif rec[1] != kind or rec[3] != size or rec[4] != value or (rec[2] ^ addr) & 0xFFF:
+            what = [w for w, bad in (("kind", rec[1] != kind), ("size", rec[3] != size),
+                                     ("value", rec[4] != value),
+                                     ("page offset", (rec[2] ^ addr) & 0xFFF)) if bad]
+            self._diverged(i, kind, addr, size, value, " and ".join(what) + " differ")
+        elif rec[0] != self.vm.vcpu.now():
+            self._diverged(i, kind, addr, size, value, f"made by instruction {self.vm.vcpu.now():,}, "
+                                                       f"the reference's by instruction {rec[0]:,}")
+        elif self._backing(rec[2] >> 12, kind == UC_MEM_WRITE) != addr >> 12:
+            self._diverged(i, kind, addr, size, value, "a machine page that does not back the reference's "
                                                        "guest-physical page" + (" writably" if kind == UC_MEM_WRITE
                                                                                  else ""))
         return self.bad is not None
@@ -249,13 +247,13 @@ class StreamVerifier:
             return ZERO_FRAME
         return -1
 
-    def _diverged(self, j: int, kind: int, addr: int, size: int, value: int, what: str) -> None:
+    def _diverged(self, i: int, kind: int, addr: int, size: int, value: int, what: str) -> None:
         v = self.vm.vcpu
-        exp = self.expected[j:j + ITEM]
-        theirs = (exp[1], exp[2], exp[3], exp[4]) if len(exp) == ITEM else None
+        rec = [int(x) for x in self.expected[i * ITEM:(i + 1) * ITEM]]
+        theirs = (rec[1], rec[2], rec[3], rec[4]) if len(rec) == ITEM else None
         rip = v.rip
         insn, va = instruction_and_va(v, rip, (theirs[1] if theirs else addr) & 0xFFF)
-        self.bad = AccessDivergence(self.vm.config.name, j // ITEM, v.now(), what, rip, insn, va,
+        self.bad = AccessDivergence(self.vm.config.name, i, v.now(), what, rip, insn, va,
                                     (kind, addr, size, value), theirs, self.reached(addr))
         if va is not None:
             from .divergence import describe_walk

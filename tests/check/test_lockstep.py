@@ -10,13 +10,9 @@ from hvmodel.check.lockstep import check
 from hvmodel.guest.load import load_guest
 
 GUESTS = sorted((Path(__file__).resolve().parents[2] / "guests").glob("*.asm"))
-# Guests whose lock-step check takes a minute or more on a 2-core machine: every access is
-# checked, and these make millions (they run with -m slow; the others in every run).
-SLOW = {"balloon", "ctxsw", "dedup", "hog", "idle", "memtest", "tlbthrash"}
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p
-                                  for p in GUESTS], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", GUESTS, ids=lambda p: p.stem)
 def test_guest_agrees_with_reference(path):
     mem = 32 << 20 if path.stem == "tlbthrash" else 8 << 20
     res = check(load_guest(path), ["nested", "shadow"], memsize=mem, every=50_000)
