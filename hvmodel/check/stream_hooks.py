@@ -10,7 +10,7 @@ calls back into Python (``slow``, a raw ctypes callback whose address is in the 
 which decides, grows, or records the divergence.
 
 Each hook's user data is a context array of int64 (the slots below); arrays are reached by
-address (ENGINE-NOTES 7b: numpy arrays captured as globals would be frozen copies).
+address (numba freezes a numpy array captured as a global into a copy).
 """
 
 from __future__ import annotations

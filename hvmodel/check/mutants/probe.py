@@ -33,7 +33,7 @@ MEMSIZE = 8 << 20
 
 
 def _guest(name: str):
-    from ...guest.image import load_guest
+    from ...guest.load import load_guest
     return load_guest(Path(__file__).resolve().parents[3] / "guests" / f"{name}.asm")
 
 
@@ -71,16 +71,19 @@ def run_matrix(sample: int) -> dict:
 
 
 def run_fuzz(seed: int, count: int) -> dict:
-    from .. import fuzz as F
     from ...guest.asm import build
+    from ..fuzz.driver import run_program
+    from ..fuzz.generation import program_for_seed
+    from ..fuzz.program import EVERY, HOST_MEM, MAX_INSNS, MEMSIZE
+    from ..fuzz.rendering import render
     from ..lockstep import check
     for index in range(count):
-        program = F.program_for_seed(seed, index)
-        out = F.run_program(program, MODES)
+        program = program_for_seed(seed, index)
+        out = run_program(program, MODES)
         if out.ok:
             continue
-        res = check(build(F.render(program), source_name=program.name), MODES, memsize=F.MEMSIZE,
-                    host_mem=F.HOST_MEM, every=F.EVERY, max_insns=F.MAX_INSNS)
+        res = check(build(render(program), source_name=program.name), MODES, memsize=MEMSIZE,
+                    host_mem=HOST_MEM, every=EVERY, max_insns=MAX_INSNS)
         first = (out.report.splitlines() or [""])[1:2]
         return {"killed": True, "how": "mismatch" if out.kind == "mismatch" else "guest",
                 "insns": res.diverged_at, "detail": f"program {index} of seed {seed}: {out.kind}: "
