@@ -245,7 +245,7 @@ def check(image: GuestImage, modes: list[str], *, memsize: int = 64 << 20, host_
             result.report = report
             result.diverged_at = result.instructions
     result.memory = {r.name: {k: r.vm.memory_counters().get(k, 0)
-                              for k in ("SHRD", "ZERO", "ZIP", "SWW", "SWR", "COW_breaks")}
+                              for k in ("SHRD", "ZERO", "ZIP", "UNZIP", "SWW", "SWR", "COW_breaks")}
                      for r in runs[1:]} if pressure else {}
     host.close()
     return result
