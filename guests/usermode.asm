@@ -4,7 +4,8 @@
 # takes #PF 0x7 (write to its read-only page) and #PF 0x5 (read of a supervisor page),
 # which the kernel redirects to recovery labels, calls the kernel through int 0x80 (a
 # DPL3 gate) and gets results in RAX, and leaves with syscall 3. Every entry from ring 3
-# must run on the TSS.RSP0 stack.
+# must run on the TSS.RSP0 stack. Ring 3 loads DS and ES itself (the CPU reads the GDT,
+# a supervisor page, on the user's behalf).
 %include "runtime/boot.inc"
 %include "runtime/pic_pit.inc"
 
@@ -272,6 +273,9 @@ msg_pf_cr2:     .asciz "user #PF CR2 mismatch"
     .align 4096
 user_code_start:
 user_entry:
+    mov ax, USER_SS                    # a segment load in ring 3 reads the GDT: a supervisor access
+    mov ds, ax
+    mov es, ax
     mov rbx, USER_RW
     movabs rax, 0x0123456789abcdef
     mov qword ptr [rbx], rax

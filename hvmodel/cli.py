@@ -78,11 +78,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="run a guest under MMU modes and the reference MMU in lock-step "
                                        "and compare")
-    chk.add_argument("guest", nargs="?", help="guest image (.asm or flat binary); omit with --matrix")
+    chk.add_argument("guest", nargs="?", help="guest image (.asm or flat binary); omit with --matrix or --mutants")
     chk.add_argument("--matrix", action="store_true",
                      help="run the access matrix (kvm-unit-tests access.c style) instead of a guest")
     chk.add_argument("--delivery", action="store_true",
                      help="run the delivery matrix (events through the IDT, against the SDM oracle) instead")
+    chk.add_argument("--mutants", action="store_true",
+                     help="mutation score: run every seeded VMM bug of the catalogue against the checkers")
+    chk.add_argument("--only", metavar="NAME,...", default=None,
+                     help="with --mutants: only these mutants")
+    chk.add_argument("--json", action="store_true", help="with --mutants: print the results as JSON")
     chk.add_argument("--sample", type=positive_int, default=1,
                      help="with --matrix or --delivery: run one in K combinations (default 1: all)")
     chk.add_argument("--mmu", type=mode_list, default=list(VMM_MODES),
@@ -97,6 +102,8 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--pressure", type=int, default=0, metavar="PAGES",
                      help="memory management on: share every identical page and swap out PAGES pages "
                           "after every checkpoint (the guest must not notice)")
+    chk.add_argument("--no-large-pages", action="store_true",
+                     help="no 2 MiB pages in the VMM modes (Mem.AllocGuestLargePage 0)")
     add_fault_options(chk)
 
     mp = sub.add_parser("map", help="run a guest or scenario, then draw guest virtual → guest physical → "
@@ -284,7 +291,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         host.close()
 
 
+def cmd_mutants(args: argparse.Namespace) -> int:
+    from .check.mutants import CATALOGUE, MutantError, by_name
+    from .check.mutants.runner import as_json, run_mutants, summary
+    if args.guest or args.matrix:
+        raise RunError("check: --mutants takes no guest and no --matrix", EXIT_USAGE)
+    try:
+        mutants = [by_name(n.strip()) for n in args.only.split(",") if n.strip()] if args.only else list(CATALOGUE)
+    except KeyError as e:
+        raise RunError(f"check --only: no mutant {e.args[0]!r} (hvmodel check --mutants lists them)", EXIT_USAGE) \
+            from None
+
+    def show(r) -> None:
+        if not args.json:
+            print(r.line(), flush=True)
+    try:
+        results = run_mutants(mutants, progress=show)
+    except MutantError as e:
+        raise RunError(str(e), EXIT_USAGE) from None
+    print(as_json(results) if args.json else summary(results))
+    return 0 if all(r.killed for r in results) else 1
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.mutants:
+        return cmd_mutants(args)
+    if args.only or args.json:
+        raise RunError("check: --only and --json go with --mutants", EXIT_USAGE)
     if args.delivery:
         if args.guest or args.matrix:
             raise RunError("check: --delivery takes no guest and no --matrix", EXIT_USAGE)
@@ -309,7 +342,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     injector = Injector(faults, args.seed or 0)
     try:
         res = check(image, args.mmu, memsize=args.mem, every=args.every, max_insns=args.max_insns,
-                    pressure=args.pressure, configure=injector.arm_vm if faults else None)
+                    pressure=args.pressure, configure=injector.arm_vm if faults else None,
+                    large_pages=not args.no_large_pages)
     except (VMError, InjectError) as e:
         raise RunError(str(e), EXIT_USAGE) from None
     finally:
@@ -320,8 +354,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for f in injector.log:
         print(f"  fault {f.fault} fired in {f.vm} at instruction {f.insns:,}: {f.detail}")
     for mode, m in res.memory.items():
-        print(f"  {mode}: {m['SWW']} pages swapped out, {m['SWR']} swapped in, {m['SHRD']} shared at the end "
-              f"({m['ZERO']} zero), {m['COW_breaks']} copy-on-write breaks")
+        print(f"  {mode}: {m['ZIP']} pages compressed, {m['SWW']} swapped out, {m['SWR']} swapped in, "
+              f"{m['SHRD']} shared at the end ({m['ZERO']} zero), {m['COW_breaks']} copy-on-write breaks")
     return 0 if res.ok else 1
 
 

@@ -103,7 +103,8 @@ def test_check_agrees_with_the_reference_while_sharing_and_swapping(guest):
     res = check(load_guest(GUESTS / f"{guest}.asm"), ["nested", "shadow"], memsize=8 << 20,
                 every=100_000, pressure=32)
     assert res.ok, res.report
-    assert all(m["SWW"] > 0 and m["SWR"] > 0 for m in res.memory.values())
+    # Pages left RAM and came back: swapped, or compressed (check --pressure does both).
+    assert all(m["SWW"] + m["ZIP"] > 0 and m["SWR"] + m["UNZIP"] > 0 for m in res.memory.values()), res.memory
     assert all(m["SHRD"] > 0 for m in res.memory.values())
 
 

@@ -30,6 +30,7 @@ SLOW = {
     "hvmodel run scenarios/idle-busy-2to1.toml --stats --plot out.png",
     "hvmodel check --matrix",
     "hvmodel check --delivery",
+    "hvmodel check --mutants",
     "hvmodel fuzz --seed 1 --count 200",
     "hvmodel bench",
     "hvmodel campaign campaigns/all-faults.toml --json out.json",

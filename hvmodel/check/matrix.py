@@ -327,8 +327,10 @@ class Outcome:
     pde: int
 
 
-def run_cases(cases: list[o.Case], mode: str, configure: Callable[[VM], None] | None = None) -> list[Outcome]:
-    """Run the cases in one guest under ``mode``; the outcomes in case order."""
+def run_cases(cases: list[o.Case], mode: str, configure: Callable[[VM], None] | None = None,
+              insns: list[int] | None = None) -> list[Outcome]:
+    """Run the cases in one guest under ``mode``; the outcomes in case order. ``insns``, if
+    given, receives the instructions each guest run took."""
     outcomes: list[Outcome] = []
     for start in range(0, len(cases), BATCH):
         batch = cases[start:start + BATCH]
@@ -345,6 +347,8 @@ def run_cases(cases: list[o.Case], mode: str, configure: Callable[[VM], None] | 
         res = vm.run(max_insns=400 * len(batch) + 1_000_000)
         if res.exit_status != 0:
             raise RuntimeError(f"matrix guest under {mode} did not finish: {res.stop_reason}: {res.message}")
+        if insns is not None:
+            insns.append(vm.vcpu.insns)
         raw = vm.ram.read_gpa(RESULTS, 64 * len(batch))
         for i, case in enumerate(batch):
             fault, err, cr2, pte, pde = struct.unpack_from("<QQQQQ", raw, 64 * i)

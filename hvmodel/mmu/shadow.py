@@ -163,9 +163,16 @@ class _GuestTableMemory:
     def write_pte(self, gpa: int, value: int) -> None:
         gfn = gpa >> PAGE_SHIFT
         frame = self.p2m.frame_for_write(gfn)   # un-shares a shared table page first
-        self.q[((frame << PAGE_SHIFT) | (gpa & 0xFFF)) >> 3] = value
+        i = ((frame << PAGE_SHIFT) | (gpa & 0xFFF)) >> 3
+        old = self.q[i]
+        self.q[i] = value
         snap = self.mmu.snapshots.get(gfn)
-        if snap is not None:  # our own A/D update is not a guest change
+        # Our own A/D update is not a guest change -- but only when the snapshot still holds
+        # the entry as it was: a guest change not yet looked at (an out-of-sync table, a
+        # traced write pending) must still show at the next diff, not be absorbed here
+        # (found by the lock-step access checks on guests/edges.asm: a PTE changed while its
+        # table was out of sync, then walked, kept its stale shadow entry after the resync).
+        if snap is not None and snap[(gpa & 0xFFF) >> 3] == old:
             snap[(gpa & 0xFFF) >> 3] = value
 
 

@@ -94,6 +94,12 @@ class CpuStateEditor:
         RIP still on the int, and this is where the int ends."""
         return struct.unpack_from("<Q", self._load(), OFF_EXC_NEXT_EIP)[0]
 
+    def segments(self) -> tuple[SegmentCache, ...]:
+        """The six segment caches (ES, CS, SS, DS, FS, GS) as QEMU holds them now."""
+        blob = self._load()
+        return tuple(SegmentCache(*(v for i, v in enumerate(struct.unpack_from("<IIQII", blob, OFF_SEGS + k * SEG_SIZE))
+                                    if i != 1)) for k in range(6))
+
     def edit(self, *, cpl: int | None = None, cs: SegmentCache | None = None,
              ss: SegmentCache | None = None, clear_old_exception: bool = True) -> None:
         """Apply the changes to the live CPU (RIP/RSP/RFLAGS are set separately)."""

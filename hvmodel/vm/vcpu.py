@@ -382,6 +382,11 @@ class VCpu:
         self.exits[name] = self.exits.get(name, 0) + 1
         return ex
 
+    @property
+    def in_slice(self) -> bool:
+        """True while guest code runs: inside a hook, as opposed to the VMM between slices."""
+        return self._running
+
     def now(self) -> int:
         """Instructions executed so far, including the slice in progress (for device clocks)."""
         if self._running:

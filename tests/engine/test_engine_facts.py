@@ -434,3 +434,40 @@ def test_u25_a_code_hook_that_stops_runs_after_the_engine_counted_its_instructio
     uc.emu_start(CODE, 0, count=100)
     assert rip(uc) == CODE + 2          # stopped before the third nop ...
     assert seen == [3]                  # ... which the counter already counts
+
+
+def test_u26_memory_hooks_get_physical_address_size_and_value_and_fetches_none():
+    import ctypes
+    import struct
+
+    from unicorn import UC_HOOK_MEM_FETCH, UC_HOOK_MEM_READ, UC_HOOK_MEM_READ_AFTER, UC_HOOK_MEM_WRITE, UC_TLB_CPU
+    from unicorn.unicorn_py3.unicorn import HOOK_MEM_ACCESS_CFUNC
+    code = asm("mov rbx, 0x200008; mov qword ptr [rbx], 0x1234; mov rax, qword ptr [rbx]; hlt")
+    for virtual in (True, False):
+        if virtual:   # VA 0x200000 -> physical 0x300000 through the fill hook
+            uc = machine(code, virtual=True, on_fill=lambda u, va, acc, e: (
+                setattr(e, "paddr", 0x300000), setattr(e, "perms", UC_PROT_ALL), True)[-1] if va == 0x200000 else None)
+        else:         # the same mapping through 4-level tables the CPU walks itself
+            uc = machine(code)
+            uc.ctl_set_tlb_mode(UC_TLB_CPU)
+            for a, v in ((0x10000, 0x11003), (0x11000, 0x12003), (0x12000, 0x13003), (0x12008, 0x14003),
+                         (0x14000, 0x300003)):
+                uc.mem_write(a, struct.pack("<Q", v))
+            for i in range(512):
+                uc.mem_write(0x13000 + 8 * i, struct.pack("<Q", (i << 12) | 3))
+            uc.reg_write(X.UC_X86_REG_CR3, 0x10000)
+            uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | 0x20)
+            uc.reg_write(X.UC_X86_REG_CR0, 0x80000011)
+        seen, keep = [], []
+        for kind, tag in ((UC_HOOK_MEM_WRITE, "W"), (UC_HOOK_MEM_READ, "R"), (UC_HOOK_MEM_READ_AFTER, "RA"),
+                          (UC_HOOK_MEM_FETCH, "F")):
+            def cb(_h, _k, addr, size, value, _ud, tag=tag, uc=uc):
+                seen.append((tag, addr, size, value, uc.reg_read(X.UC_X86_REG_RIP)))
+            keep.append(HOOK_MEM_ACCESS_CFUNC(cb))
+            hh = ctypes.c_size_t()
+            assert not uclib.uc_hook_add(uc._uch, ctypes.byref(hh), kind, ctypes.cast(keep[-1], ctypes.c_void_p),
+                                         None, ctypes.c_uint64(1), ctypes.c_uint64(0))
+        uc.emu_start(CODE, 0, count=4)
+        store, load = CODE + 7, CODE + 14
+        assert seen == [("W", 0x300008, 8, 0x1234, store), ("R", 0x300008, 8, 0, load),
+                        ("RA", 0x300008, 8, 0x1234, load)], (virtual, seen)

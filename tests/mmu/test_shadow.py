@@ -173,3 +173,76 @@ def test_root_switch_is_counted(env):
     mmu.translate(cr3, 0x7000_0000, ACC_READ, False, CTL_PG)
     assert mmu.root_switches == 2
     assert mmu.hits == 1   # the second space shares the lower tables; its root is new
+
+
+# Regression (found by the lock-step access checks on guests/edges.asm): a PTE the guest
+# changed while its table was out of sync, then walked by a hidden fault (which sets its A
+# bit), was absorbed into the table's snapshot as if the VMM had made the change, so the
+# resync on the next CR3 switch kept the stale shadow entry: after switching away and back
+# the guest read its old frame.
+OOS_THEN_SWITCH = PROLOGUE + """
+main:
+  mov rdi, 0x12000 + 100*8
+  mov rax, 0x13003
+  mov qword ptr [rdi], rax
+  mov rdi, 0x400000
+  mov qword ptr [rdi], 0xa
+  mov rdi, 0x401000
+  mov qword ptr [rdi], 0xb
+  mov rdi, 0x402000
+  mov qword ptr [rdi], 0xc
+  // a second address space with the same PML4[0]
+  mov rsi, 0x10000
+  mov rax, qword ptr [rsi]
+  mov rdi, 0x30000
+  mov qword ptr [rdi], rax
+  mov rbx, 0xC800000
+  mov rdi, 0x13000
+  mov rax, 0x400003
+  mov qword ptr [rdi], rax
+  invlpg [rbx]
+  cmp qword ptr [rbx], 0xa
+  jne bad
+  // PTE[1] written three times: the table goes out of sync
+  mov rax, 0x401003
+  mov qword ptr [rdi + 8], rax
+  invlpg [rbx + 0x1000]
+  cmp qword ptr [rbx + 0x1000], 0xb
+  jne bad
+  mov rax, 0x402003
+  mov qword ptr [rdi + 8], rax
+  invlpg [rbx + 0x1000]
+  cmp qword ptr [rbx + 0x1000], 0xc
+  jne bad
+  mov rax, 0x401003
+  mov qword ptr [rdi + 8], rax
+  invlpg [rbx + 0x1000]
+  cmp qword ptr [rbx + 0x1000], 0xb
+  jne bad
+  // PTE[0] -> 0x401000 while out of sync; the read walks it and sets A
+  mov rax, 0x401003
+  mov qword ptr [rdi], rax
+  invlpg [rbx]
+  cmp qword ptr [rbx], 0xb
+  jne bad
+  // away and back: the table is resynced; the new PTE[0] must stand
+  mov rax, 0x30000
+  mov cr3, rax
+  mov rax, 0x10000
+  mov cr3, rax
+  cmp qword ptr [rbx], 0xb
+  jne bad
+  mov al, 0
+  out 0xf4, al
+bad:
+  mov al, 1
+  out 0xf4, al
+"""
+
+
+def test_a_pte_changed_while_out_of_sync_survives_the_resync():
+    vm, r = run_asm(OOS_THEN_SWITCH, mmu="shadow")
+    assert r.counters["oos_events"] >= 1 and r.counters["resyncs"] >= 1
+    assert r.exit_status == 0, "the guest read its old frame after the resync"
+    res = check(build(OOS_THEN_SWITCH), ["shadow"], memsize=16 << 20)
+    assert res.ok, res.report

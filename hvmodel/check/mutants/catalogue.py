@@ -1,0 +1,287 @@
+"""The catalogue of seeded VMM bugs: each a small change to the real source.
+
+A mutant is the bug a person could plausibly write: one exact snippet of one file of the
+``hvmodel`` package and its replacement. The runner applies exactly one to a private
+copy of the package (:mod:`hvmodel.check.mutants.apply`), so the production code carries
+no mutant switch and the same catalogue keeps working whatever form the code takes
+(compiled hot paths included), as long as the snippets still occur: a test checks that
+each occurs exactly once and that every mutated file still compiles.
+
+``pressure``: the bug is in memory management (sharing, swapping, compression, p2m
+changes), so the lock-step checks run with memory pressure too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One seeded bug."""
+
+    name: str
+    description: str
+    file: str            # path inside the hvmodel package
+    original: str        # occurs exactly once in the file
+    replacement: str
+    pressure: bool = False
+
+
+CATALOGUE: tuple[Mutant, ...] = (
+    # -- nested paging ---------------------------------------------------------------
+    Mutant("nested-fill-neighbour-frame",
+           "nested: a read fill of one guest page in eight is served from the neighbouring machine frame",
+           "mmu/nested.py",
+           "        return (leaf & ADDR_MASK) | perms\n",
+           "        return ((leaf & ADDR_MASK) + (0x1000 if acc == 0 and gpa >> 12 & 7 == 5 else 0)) | perms\n"),
+    Mutant("nested-zap-no-flush",
+           "nested: a p2m change drops the EPT leaf but does not flush the TLBs (a missing flush)",
+           "mmu/nested.py",
+           "            self.q[idx] = 0\n            self.flush_pending = True\n\n    def _split_large",
+           "            self.q[idx] = 0\n\n    def _split_large", pressure=True),
+    Mutant("nested-ntlb-stale",
+           "nested: splitting a 2 MiB EPT leaf keeps the nested-TLB entries of its region "
+           "(a stale nested-TLB entry: it still names the 2 MiB leaf)",
+           "mmu/nested.py",
+           "        self._ntlb_drop_region(region)\n        self.large_splits += 1",
+           "        self.large_splits += 1", pressure=True),
+    Mutant("nested-ad-write-no-cow",
+           "nested: the walk's A/D update into a write-protected table page skips copy-on-write "
+           "(the shared-frame bug of dedup-8vm, re-created)",
+           "mmu/nested.py",
+           "            self.p2m.frame_for_write(gfn)\n            leaf = self._leaf(gfn, False)",
+           "            leaf = self._leaf(gfn, False)", pressure=True),
+    Mutant("nested-large-table-write-no-flush",
+           "nested: a guest write to a table holding a cached large leaf keeps the other 4 KiB pieces "
+           "(INVLPG of a large page drops one piece)",
+           "mmu/nested.py",
+           "            self.large_table_writes += 1\n            self.flush_pending = True",
+           "            self.large_table_writes += 1"),
+    Mutant("nested-large-table-not-protected",
+           "nested: guest tables holding a cached large leaf are not write-protected",
+           "mmu/nested.py",
+           "        if idx >= 0:\n            self.q[idx] &= ~EPT_W\n",
+           "        if idx >= 0:\n            pass\n"),
+    Mutant("nested-split-off-by-one",
+           "nested: splitting a 2 MiB EPT leaf swaps neighbouring frames in the new 4 KiB leaves",
+           "mmu/nested.py",
+           "            q[base + k] = (first + (k << PAGE_SHIFT)) | bits",
+           "            q[base + k] = (first + ((k ^ 1) << PAGE_SHIFT)) | bits", pressure=True),
+    Mutant("nested-write-to-readonly-frame",
+           "nested: an EPT leaf is writable even when the p2m hands out a read-only frame (zero or shared)",
+           "mmu/nested.py",
+           "        if writable and not large_table:\n            leaf |= EPT_W",
+           "        if not large_table:\n            leaf |= EPT_W"),
+    # -- shadow paging ---------------------------------------------------------------
+    Mutant("shadow-fill-neighbour-frame",
+           "shadow: a hidden fault for a read of one guest page in eight maps the neighbouring frame",
+           "mmu/shadow.py",
+           "        return (frame << PAGE_SHIFT) | perms\n\n    # -- building shadow entries",
+           "        return ((frame + (1 if not write and gfn & 7 == 5 else 0)) << PAGE_SHIFT) | perms\n\n"
+           "    # -- building shadow entries"),
+    Mutant("shadow-zap-no-flush",
+           "shadow: a p2m change zaps the shadow leaves but does not flush the TLB",
+           "mmu/shadow.py",
+           "                self._zap_page(sp)\n        self.flush_pending = True\n\n    def overhead_frames",
+           "                self._zap_page(sp)\n\n    def overhead_frames", pressure=True),
+    Mutant("shadow-trace-no-zap",
+           "shadow: a traced guest PTE write does not zap the shadow entries derived from it",
+           "mmu/shadow.py",
+           "            for idx in changed:\n                self._zap_entry(sp, int(idx))",
+           "            for idx in changed:\n                pass"),
+    Mutant("shadow-oos-trusted",
+           "shadow: a table that goes out of sync keeps its shadow entries trusted",
+           "mmu/shadow.py",
+           "        for sp in self.shadowed.get(gfn, ()):\n            self.unsync_frame[sp.frame] = True\n"
+           "        self.nowrite[self.table_frame[gfn]] = False",
+           "        self.nowrite[self.table_frame[gfn]] = False"),
+    Mutant("shadow-resync-skips-diff",
+           "shadow: an out-of-sync table is brought back in sync (CR3 switch, too many OOS tables) "
+           "without applying the guest's changes",
+           "mmu/shadow.py",
+           "        if gfn in self.shadowed:\n            self._diff_and_zap(gfn)\n            self.nowrite",
+           "        if gfn in self.shadowed:\n            self.nowrite"),
+    Mutant("shadow-ad-write-no-cow",
+           "shadow: the VMM's A/D update of a guest table writes the frame without copy-on-write",
+           "mmu/shadow.py",
+           "        frame = self.p2m.frame_for_write(gfn)   # un-shares a shared table page first",
+           "        frame = self.p2m.map_for(gfn, False)[0]", pressure=True),
+    Mutant("shadow-tables-not-write-protected",
+           "shadow: a newly shadowed guest table is not write-protected (its writes are not traced)",
+           "mmu/shadow.py",
+           "        self.nowrite[frame] = True\n        self.table_frame[gfn] = frame",
+           "        self.table_frame[gfn] = frame"),
+    Mutant("shadow-nx-not-copied",
+           "shadow: shadow entries do not copy the guest's NX bit",
+           "mmu/shadow.py",
+           "_COPY_BITS = PTE_P | PTE_RW | PTE_US | PTE_NX",
+           "_COPY_BITS = PTE_P | PTE_RW | PTE_US"),
+    # -- the guest walk ---------------------------------------------------------------
+    Mutant("walk-pde-rw-ignored",
+           "walk: the RW bit of a PDE does not restrict writes",
+           "mmu/walk.py",
+           "        rights &= e\n        nx |= e\n",
+           "        rights &= e | (PTE_RW if level == 2 else 0)\n        nx |= e\n"),
+    Mutant("walk-pte-us-ignored",
+           "walk: the US bit of a 4 KiB leaf does not restrict user accesses",
+           "mmu/walk.py",
+           "    rights &= e\n    nx = (nx | e)",
+           "    rights &= e | (PTE_US if level == 1 else 0)\n    nx = (nx | e)"),
+    Mutant("walk-pde-nx-ignored",
+           "walk: the NX bit of a PDE (non-leaf) is ignored",
+           "mmu/walk.py",
+           "        nx |= e\n",
+           "        nx |= e if level != 2 else 0\n"),
+    Mutant("walk-leaf-a-not-set",
+           "walk: a read or fetch does not set the leaf's Accessed bit",
+           "mmu/walk.py",
+           "        if not e & PTE_A:\n            e |= PTE_A\n            mem.write_pte(egpa, e)\n        if not e & PTE_D:",
+           "        if not e & PTE_A:\n            e |= PTE_A\n        if not e & PTE_D:"),
+    Mutant("walk-d-not-set",
+           "walk: a write sets A but not the Dirty bit",
+           "mmu/walk.py",
+           "            e |= PTE_A | PTE_D\n            mem.write_pte(egpa, e)",
+           "            e |= PTE_A\n            mem.write_pte(egpa, e)"),
+    Mutant("walk-a-set-on-fault",
+           "walk: a protection fault on a present leaf sets its Accessed bit",
+           "mmu/walk.py",
+           "    if not perms & (1 << acc):  # PERM_R/W/X = 1 << ACC_READ/WRITE/FETCH\n",
+           "    if not perms & (1 << acc):  # PERM_R/W/X = 1 << ACC_READ/WRITE/FETCH\n"
+           "        mem.write_pte(egpa, e | PTE_A)\n"),
+    Mutant("pfec-user-bit-lost-on-write",
+           "walk: the #PF error code of a user write lacks the U bit",
+           "mmu/walk.py",
+           "    if user:\n        bits |= PFEC_U",
+           "    if user and acc != ACC_WRITE:\n        bits |= PFEC_U"),
+    Mutant("pfec-fetch-bit-always",
+           "walk: the #PF error code of a fetch has I set even without NXE and SMEP",
+           "mmu/walk.py",
+           "    elif acc == ACC_FETCH and ctl & (CTL_NXE | CTL_SMEP):",
+           "    elif acc == ACC_FETCH:"),
+    Mutant("walk-wp-ignored",
+           "walk: CR0.WP is ignored (supervisor writes to read-only pages succeed)",
+           "mmu/walk.py",
+           "            if rights & PTE_RW or not ctl & CTL_WP:",
+           "            if rights & PTE_RW or True:"),
+    Mutant("walk-smep-ignored",
+           "walk: SMEP is ignored (supervisor fetches from user pages succeed)",
+           "mmu/walk.py",
+           "        if not nx and not (ctl & CTL_SMEP and rights & PTE_US):",
+           "        if not nx:"),
+    Mutant("walk-smap-ignored",
+           "walk: SMAP is ignored (supervisor data accesses to user pages succeed)",
+           "mmu/walk.py",
+           "        if not (ctl & CTL_SMAP and rights & PTE_US):",
+           "        if True:"),
+    Mutant("walk-1g-offset",
+           "walk: a 1 GiB leaf keeps only 21 bits of the offset (as if it were 2 MiB)",
+           "mmu/walk.py",
+           "    size_mask = (1 << (12 + 9 * (level - 1))) - 1",
+           "    size_mask = (1 << (12 + 9 * min(level - 1, 1))) - 1"),
+    # -- the p2m, sharing, swapping, compression ---------------------------------------------
+    Mutant("swap-in-wrong-slot",
+           "p2m: a swap-in reads the neighbouring swap slot",
+           "mmu/p2m.py",
+           "    def _swap_in(self, gfn: int) -> int:\n        slot = int(self.value[gfn])",
+           "    def _swap_in(self, gfn: int) -> int:\n        slot = int(self.value[gfn]) ^ 1", pressure=True),
+    Mutant("cow-not-broken-on-guest-write",
+           "p2m: a guest write to a shared page is given the shared frame (copy-on-write not broken)",
+           "mmu/p2m.py",
+           "            return self._break_cow(gfn, frame), True",
+           "            return frame, True", pressure=True),
+    Mutant("cow-break-no-copy",
+           "p2m: breaking copy-on-write gives the page a fresh frame without copying its contents",
+           "mmu/p2m.py",
+           "                pool.mv[dst:dst + PAGE_SIZE] = pool.mv[src:src + PAGE_SIZE]",
+           "                pass", pressure=True),
+    Mutant("share-no-invalidate",
+           "p2m: a page mapped to a shared frame does not tell the MMUs (they keep its old frame, "
+           "which is freed)",
+           "mmu/p2m.py",
+           "        self.changed(gfn)\n        pool.put(old)",
+           "        pool.put(old)", pressure=True),
+    Mutant("swap-out-no-invalidate",
+           "p2m: swapping a page out does not tell the MMUs (they keep mapping the freed frame)",
+           "mmu/p2m.py",
+           "        self.state[gfn] = P2MState.SWAPPED\n        self.changed(gfn)\n        self.pool.put(frame)\n"
+           "        self.swap_outs += 1",
+           "        self.state[gfn] = P2MState.SWAPPED\n        self.pool.put(frame)\n        self.swap_outs += 1",
+           pressure=True),
+    Mutant("large-break-keeps-flag",
+           "p2m: a broken 2 MiB page stays marked as one (an MMU maps it 2 MiB again over pages "
+           "that have left it)",
+           "mmu/p2m.py",
+           "        self.large[region] = False\n        self.large_breaks += 1",
+           "        self.large_breaks += 1", pressure=True),
+    Mutant("unbacked-read-maps-zero-writable",
+           "p2m: a read of an untouched page maps the shared zero frame writable",
+           "mmu/p2m.py",
+           "            return ZERO_FRAME, False",
+           "            return ZERO_FRAME, True"),
+    Mutant("unzip-wrong-page",
+           "p2m: decompressing a page restores the oldest page of the compression cache instead",
+           "mmu/p2m.py",
+           "            data = self.zip.load(gfn, remove=False)  # verified, still in the cache",
+           "            data = self.zip.load(self.zip.lru(), remove=False)", pressure=True),
+    Mutant("zip-slot-overlap",
+           "compression: a page that needs two 1 KiB slots is given one",
+           "memory/compress.py",
+           "        nslots = 1 if len(blob) <= SLOT else 2",
+           "        nslots = 1", pressure=True),
+    Mutant("sharing-stale-hint",
+           "sharing: a hinted page is shared without checking it still holds what was hashed",
+           "memory/sharing.py",
+           "        if xxhash.xxh3_64_intdigest(hpage) != key[1] or hpage.tobytes() != page.tobytes():",
+           "        if False:", pressure=True),
+    # -- the vCPU and its intercepts ----------------------------------------------------------
+    Mutant("cr2-off-by-page",
+           "vCPU: CR2 of a #PF from a refused fill is one page past the faulting address",
+           "vm/vcpu.py",
+           "                ex.cr2 = self._invalid_addr.value",
+           "                ex.cr2 = self._invalid_addr.value + 0x1000"),
+    Mutant("fill-always-writable",
+           "vCPU: every TLB entry the fill hook installs is writable",
+           "vm/vcpu.py",
+           "            e.perms = r & 7",
+           "            e.perms = (r & 7) | 2"),
+    Mutant("implicit-supervisor-ignored",
+           "vCPU: a CPL-3 access to the GDT/IDT/TSS is checked as a user access",
+           "vm/vcpu.py",
+           "            if implicit:\n                user = False",
+           "            if False:\n                user = False"),
+    Mutant("invlpg-large-one-piece",
+           "shadow INVLPG intercept: INVLPG inside a guest large page drops only its own 4 KiB piece",
+           "vm/intercept.py",
+           "        if target >> 21 in v.large_2m or target >> 30 in v.large_1g:\n            v.flush_tlb()",
+           "        if target >> 21 in v.large_2m or target >> 30 in v.large_1g:\n            pass"),
+    # -- event delivery ---------------------------------------------------------------------
+    Mutant("events-rsp0-ignored",
+           "delivery: an event from CPL 3 stays on the user stack (TSS.RSP0 ignored)",
+           "vm/events.py",
+           "        if new_cpl < cpl or ist:",
+           "        if ist:"),
+    Mutant("events-ist-ignored",
+           "delivery: a gate's IST index is ignored (TSS.RSPn or the current stack is used)",
+           "vm/events.py",
+           "            off = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl",
+           "            off = 4 + 8 * new_cpl"),
+    Mutant("events-error-code-dropped",
+           "delivery: the error code is not pushed",
+           "vm/events.py",
+           "        if error_code is not None:\n            frame.insert(0, error_code)",
+           "        if False:\n            frame.insert(0, error_code)"),
+    Mutant("events-if-not-cleared",
+           "delivery: an interrupt gate leaves RFLAGS.IF set",
+           "vm/events.py",
+           "        if gate_type == GATE_INTERRUPT:\n            rflags &= ~RFLAGS_IF",
+           "        if False:\n            rflags &= ~RFLAGS_IF"),
+)
+
+
+def by_name(name: str) -> Mutant:
+    """The mutant called ``name``; KeyError if there is none."""
+    for m in CATALOGUE:
+        if m.name == name:
+            return m
+    raise KeyError(name)
